@@ -1,0 +1,210 @@
+"""The image encoder: a timm Vision Transformer, shared by MAE pretraining and the unified model.
+
+Both modules hold it under the attribute ``encoder`` and keep the timm model itself under ``encoder.vit``, so a
+state dict passes between them, and to plain timm, by stripping a prefix: no conversion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from idrecog.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# prefixes under which the timm weights sit in our checkpoints (unified, MAE, task classifier) and in others'
+_PREFIXES = ("model.encoder.vit.", "encoder.vit.", "backbone.vit.", "vit.", "module.", "encoder.", "model.")
+
+
+def _check_name(name: str) -> None:
+    known = timm.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, [m for m in known if "vit" in m or "deit" in m] or known, n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"encoder name {name!r} is not a timm model{hint}")
+
+
+class ViTEncoder(nn.Module):
+    """A timm ViT that returns patch tokens.
+
+    Args:
+        name: any timm ViT (``timm.list_models('vit_*')``), e.g. ``vit_tiny_patch16_224``, ``vit_base_patch16_224``.
+        img_size: input (H, W); non-square is fine; each must be a multiple of the patch size.
+        depth / embed_dim / num_heads: optional overrides of the named architecture (for small CPU models).
+        drop_path_rate: stochastic depth.
+        init_from: a weight file to start from: a timm-format state dict (``.safetensors``, ``.pth``), an
+            ``idrecog pretrain`` or ``idrecog fit`` checkpoint (``.ckpt``). Position embeddings are resampled
+            when the patch grid differs; missing and unexpected keys are reported.
+        model_kwargs: further keyword arguments for ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_tiny_patch16_224",
+        img_size: tuple[int, int] = (192, 304),
+        depth: int | None = None,
+        embed_dim: int | None = None,
+        num_heads: int | None = None,
+        drop_path_rate: float = 0.0,
+        init_from: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_name(name)
+        kwargs: dict[str, Any] = dict(model_kwargs or {})
+        for k, v in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if v is not None:
+                kwargs[k] = v
+        self.name = name
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.vit = timm.create_model(
+            name,
+            pretrained=False,
+            img_size=self.img_size,
+            num_classes=0,
+            global_pool="",
+            drop_path_rate=drop_path_rate,
+            **kwargs,
+        )
+        for attr in ("patch_embed", "pos_embed", "blocks", "norm"):
+            if not hasattr(self.vit, attr):
+                raise ConfigError(f"encoder {name!r} is not a plain Vision Transformer (no {attr!r})")
+        p = self.patch_size
+        if self.img_size[0] % p or self.img_size[1] % p:
+            raise ConfigError(f"img_size {self.img_size} must be a multiple of the patch size {p} in both H and W")
+        if init_from:
+            self.load_pretrained(init_from)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit.embed_dim)
+
+    @property
+    def patch_size(self) -> int:
+        ps = self.vit.patch_embed.patch_size
+        return int(ps[0] if isinstance(ps, tuple | list) else ps)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        g = self.vit.patch_embed.grid_size
+        return int(g[0]), int(g[1])
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.vit.num_prefix_tokens)
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, imgs: Tensor) -> Tensor:
+        """imgs: [N, 3, H, W] -> patch embeddings with position embeddings added: [N, L, D] (no prefix tokens)."""
+        x = self.vit.patch_embed(imgs)
+        pos = self.vit.pos_embed
+        if not self.vit.no_embed_class:
+            pos = pos[:, self.num_prefix_tokens :]
+        return x + pos
+
+    def prefix_tokens(self, n: int) -> Tensor:
+        """The class (and register) tokens with their position embeddings: [N, P, D]."""
+        toks = []
+        if getattr(self.vit, "cls_token", None) is not None:
+            cls = self.vit.cls_token
+            if not self.vit.no_embed_class:
+                cls = cls + self.vit.pos_embed[:, :1]
+            toks.append(cls.expand(n, -1, -1))
+        if getattr(self.vit, "reg_token", None) is not None:
+            toks.append(self.vit.reg_token.expand(n, -1, -1))
+        return torch.cat(toks, dim=1) if toks else self.vit.pos_embed.new_zeros(n, 0, self.embed_dim)
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Run the transformer on already embedded tokens x: [N, P + K, D] (prefix first) -> normed [N, P + K, D]."""
+        x = self.vit.norm_pre(x)
+        x = self.vit.blocks(x)
+        return self.vit.norm(x)
+
+    def forward_visible(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
+        """Encode only the kept patches (MAE). imgs: [N, 3, H, W]; ids_keep: [N, K] -> [N, P + K, D]."""
+        x = self.embed(imgs)
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([self.prefix_tokens(x.shape[0]), x], dim=1)
+        return self.forward_tokens(x)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        """imgs: [N, 3, H, W] -> patch tokens [N, L, D], L = (H / p) * (W / p), row-major over the patch grid."""
+        x = self.embed(imgs)
+        x = torch.cat([self.prefix_tokens(x.shape[0]), x], dim=1)
+        return self.forward_tokens(x)[:, self.num_prefix_tokens :]
+
+    # ------------------------------------------------------------------ weights
+    def timm_state_dict(self) -> dict[str, Tensor]:
+        """Weights in timm's own key format (what ``timm.create_model(name, pretrained_cfg_overlay=...)`` loads)."""
+        return {k: v.detach().clone() for k, v in self.vit.state_dict().items()}
+
+    def load_pretrained(self, path: str | Path, grid_size: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+        """Load weights from ``path`` (see class doc). Returns (missing, unexpected) keys, also logged."""
+        from idrecog.utils.checkpoint import load_weights_file
+
+        state, meta = load_weights_file(path)
+        state = extract_timm_state(state)
+        if not state:
+            raise ConfigError(f"{path}: no encoder weights found (expected timm ViT keys such as 'blocks.0.attn.qkv.weight')")
+        old_grid = grid_size or _grid_from_meta(meta)
+        if "pos_embed" in state:
+            state["pos_embed"] = self._resample_pos_embed(state["pos_embed"], old_grid, path)
+        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        # heads are not part of the encoder
+        unexpected = [k for k in unexpected if not k.startswith(("head.", "fc_norm."))]
+        missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+        print(f"[idrecog] encoder weights from {path}: {len(state)} tensors, missing {missing or 'none'}, "
+              f"unexpected {unexpected or 'none'}")
+        return list(missing), list(unexpected)
+
+    def _resample_pos_embed(self, pos: Tensor, old_grid: tuple[int, int] | None, path: Any) -> Tensor:
+        target = self.vit.pos_embed
+        if pos.shape == target.shape:
+            return pos
+        npt = 0 if self.vit.no_embed_class else self.num_prefix_tokens
+        n_old = pos.shape[1] - npt
+        if old_grid is None:
+            side = int(math.isqrt(n_old))
+            if side * side != n_old:
+                raise ConfigError(
+                    f"{path}: pos_embed has {n_old} patch positions, which is not a square grid; "
+                    "give the grid size (the file's metadata 'grid_size' or init_grid_size)"
+                )
+            old_grid = (side, side)
+        print(f"[idrecog] resampling position embeddings from grid {tuple(old_grid)} to {self.grid_size}")
+        return resample_abs_pos_embed(pos, new_size=list(self.grid_size), old_size=list(old_grid), num_prefix_tokens=npt)
+
+
+def extract_timm_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Strip our prefixes, keep only the ViT's tensors (drops decoders, heads of other modules, optimiser...)."""
+    if any(k.startswith(("model.encoder.vit.", "encoder.vit.")) for k in state):
+        for p in ("model.encoder.vit.", "encoder.vit."):
+            sub = {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
+            if sub:
+                return sub
+    for p in _PREFIXES:
+        if all(k.startswith(p) for k in state):
+            return {k[len(p) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _grid_from_meta(meta: dict[str, str]) -> tuple[int, int] | None:
+    g = meta.get("grid_size")
+    if not g:
+        return None
+    h, w = (int(v) for v in str(g).replace("x", ",").split(","))
+    return h, w

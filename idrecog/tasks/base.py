@@ -1,0 +1,114 @@
+"""The task-type interface. One subclass per task type; see ``idrecog/tasks/registry.py`` for the plugin table.
+
+A task type owns everything type-specific, so that the data pipeline, the model and the trainer stay generic:
+
+* data side: ``check_label`` (manifest value), ``load_target`` (value -> per-sample target, with
+  ``torchvision.tv_tensors`` for anything geometric so that v2 transforms move it with the image), ``collate``;
+* model side: ``num_queries`` (query tokens the task owns in the decoder), ``build_head`` (its output unit),
+  ``loss``, ``build_metrics`` / ``update_metrics``, ``postprocess`` (JSON-able outputs).
+
+Shapes: ``task_feats: [B, Q, D]`` for the task's Q query tokens; ``present: [B]`` bool, True where the task
+applies to the sample and its label is known. Losses are means over present samples and are exactly zero
+(still attached to the graph, never NaN) when no sample is present.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from idrecog.data.catalogue import TaskSpec
+
+
+@dataclass
+class HeadContext:
+    """What an output unit may read besides its task features.
+
+    pixel_feats: [B, C, H/4, W/4] from the pixel decoder, or None when no task needs it.
+    image_size: (H, W) of the network input.
+    """
+
+    pixel_feats: Tensor | None
+    image_size: tuple[int, int]
+
+
+class TaskType(ABC):
+    """Base class of a task type (classification, regression, segmentation, detection, or your own)."""
+
+    type_name: ClassVar[str]
+    #: one line for docs and errors: the JSON label value the manifest holds
+    label_format: ClassVar[str] = ""
+    #: the collated target handed to ``loss`` and ``update_metrics``
+    target_format: ClassVar[str] = ""
+    #: key of the metric that enters ``val/score``, and whether higher is better
+    primary_metric: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+    #: whether the head reads ``HeadContext.pixel_feats`` (so the model builds the pixel decoder)
+    needs_pixel_features: ClassVar[bool] = False
+
+    def __init__(self, spec: TaskSpec, **options: Any) -> None:
+        self.spec = spec
+        self.options = options
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # ---------------------------------------------------------------- catalogue and data side
+    @classmethod
+    def validate_spec(cls, spec: TaskSpec) -> None:
+        """Raise ``ValueError`` when the catalogue entry lacks what the type needs (classes, range...)."""
+
+    @abstractmethod
+    def check_label(self, value: Any) -> None:
+        """Raise ``ValueError`` with a short message when a (non-null) manifest value is malformed."""
+
+    @abstractmethod
+    def load_target(self, value: Any, root: Path, image_size: tuple[int, int]) -> Any:
+        """Turn a non-null manifest value into a per-sample target. ``image_size`` is (H, W) of the image."""
+
+    @abstractmethod
+    def collate(self, targets: list[Any | None]) -> Any:
+        """Batch per-sample targets; ``None`` marks a sample whose label is absent."""
+
+    # ---------------------------------------------------------------- model side
+    @property
+    def num_queries(self) -> int:
+        """How many query tokens the task owns in the task decoder."""
+        return 1
+
+    @abstractmethod
+    def build_head(self, dim: int) -> nn.Module:
+        """The task's output unit: ``forward(task_feats [B, Q, dim], ctx: HeadContext) -> dict[str, Tensor]``."""
+
+    @abstractmethod
+    def loss(self, outputs: dict[str, Tensor], targets: Any, present: Tensor) -> Tensor:
+        """Scalar loss, mean over present samples; exactly 0 (attached to the graph) if none is present."""
+
+    @abstractmethod
+    def build_metrics(self) -> MetricCollection:
+        """A fresh torchmetrics ``MetricCollection`` (cloned per stage by the LightningModule)."""
+
+    @abstractmethod
+    def update_metrics(self, metrics: MetricCollection, outputs: dict[str, Tensor], targets: Any, present: Tensor) -> None:
+        """Update ``metrics`` with the present samples only."""
+
+    @abstractmethod
+    def postprocess(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
+        """Per-sample JSON-able outputs (class and probabilities, value, mask, boxes...)."""
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def zero_loss(outputs: dict[str, Tensor]) -> Tensor:
+        """A zero that keeps the graph connected to every output (so DDP sees all parameters used)."""
+        return sum((v.sum() * 0.0 for v in outputs.values() if isinstance(v, Tensor) and v.is_floating_point()),
+                   torch.zeros(()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(task={self.name!r})"
