@@ -1,0 +1,82 @@
+"""The ``idrecog`` command. Sub-commands are looked up in a table and imported lazily, so ``idrecog synth``
+does not pay for importing Lightning. Training commands (fit, validate, test, predict, pretrain) are
+LightningCLIs; the others use jsonargparse.
+
+Every :class:`idrecog.errors.IdrecogError` ends the command with a one-line message and exit code 2
+(``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+# command -> ("module:function", one-line help). Each function takes argv (after the command) and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("idrecog.lit.cli:run_unified", "train the unified model (LightningCLI)"),
+    "validate": ("idrecog.lit.cli:run_unified", "validate the unified model (LightningCLI)"),
+    "test": ("idrecog.lit.cli:run_unified", "test the unified model (LightningCLI)"),
+    "predict": ("idrecog.lit.cli:run_unified", "batch prediction to JSONL (LightningCLI)"),
+    "pretrain": ("idrecog.lit.mae_cli:run_pretrain", "MAE self-supervised pretraining of the encoder (LightningCLI)"),
+    "export-encoder": ("idrecog.lit.mae_cli:export_encoder_main", "write encoder weights in timm format (safetensors)"),
+    "synth": ("idrecog.synth.cli:main", "generate the synthetic identity-document benchmark"),
+    "data": ("idrecog.data.cli:main", "dataset tools: `data check DIR`, `data show DIR --out grid.png`"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: idrecog COMMAND [options]   (idrecog COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _resolve(target: str) -> Callable[[list[str]], int | None]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from idrecog.errors import IdrecogError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from idrecog import __version__
+
+        print(f"idrecog {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        print(f"idrecog: error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        fn = _resolve(COMMANDS[command][0])
+        # training commands take the sub-command too (LightningCLI parses it)
+        code = fn([command, *rest]) if COMMANDS[command][0].startswith("idrecog.lit.cli:") else fn(rest)
+    except IdrecogError as e:
+        if debug:
+            raise
+        print(f"idrecog {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"idrecog {command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
