@@ -1,0 +1,120 @@
+"""``idrecog fit | validate | test | predict``: LightningCLI over the idrecog LightningModules and ``IdDataModule``.
+
+The task catalogue is written once, in the data section (it lives in the dataset folder), and linked into the
+model when both are instantiated (``link_arguments(..., apply_on="instantiate")``), so a config never repeats it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from typing_extensions import override
+
+from idrecog.data.datamodule import IdDataModule
+
+# Shorthands for the task-query designs: `--model.queries=learned` instead of a class path.
+QUERY_SHORTHANDS = {
+    "learned": "idrecog.models.queries.LearnedQueries",
+    "text": "idrecog.models.queries_text.TextQueries",
+    "multimodal": "idrecog.models.multimodal.MultimodalQueries",
+}
+
+
+def _catalogue_dict(dm: IdDataModule) -> dict[str, Any]:
+    return dm.catalogue.to_dict()
+
+
+class IdrecogSaveConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` beside the logs, and the fully resolved config into ``wandb.config`` when W&B logs.
+
+    LightningCLI only writes the file; W&B dashboards need the values to group and filter runs by design, seed...
+    """
+
+    @override
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                config = self.parser.dump(self.config, skip_none=False, format="json")
+                import json
+
+                logger.experiment.config.update(json.loads(config), allow_val_change=True)
+
+
+class IdrecogCLI(LightningCLI):
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data", "model.init_args.catalogue", compute_fn=_catalogue_dict, apply_on="instantiate")
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        # Generating a missing synthetic benchmark happens in prepare_data; nothing to do here.
+        pass
+
+    def _print_table(self, title: str) -> None:
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        if not metrics or not self.trainer.is_global_zero:
+            return
+        from idrecog.lit.unified import format_metrics_table
+
+        catalogue = getattr(self.datamodule, "catalogue", None)
+        print(f"\n{title}\n" + format_metrics_table(metrics, catalogue), flush=True)
+        if self.trainer.logger is not None and getattr(self.trainer.logger, "log_dir", None):
+            print(f"metrics: {os.path.join(self.trainer.logger.log_dir, 'metrics.csv')}")
+        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        if ckpt:
+            print(f"best checkpoint: {ckpt}")
+
+    def after_fit(self) -> None:
+        self._print_table("validation metrics (last epoch)")
+
+    def after_validate(self) -> None:
+        self._print_table("validation metrics")
+
+    def after_test(self) -> None:
+        self._print_table("test metrics")
+
+
+def expand_shorthands(argv: list[str]) -> list[str]:
+    """Rewrite ``--model.queries=learned|text|multimodal`` to the provider's class path."""
+    out = []
+    it = iter(range(len(argv)))
+    for i in it:
+        a = argv[i]
+        if a.startswith("--model.queries="):
+            key, val = a.split("=", 1)
+            out.append(f"{key}={QUERY_SHORTHANDS.get(val, val)}")
+        elif a == "--model.queries" and i + 1 < len(argv):
+            out += [a, QUERY_SHORTHANDS.get(argv[i + 1], argv[i + 1])]
+            next(it, None)
+        else:
+            out.append(a)
+    return out
+
+
+def build_cli(argv: list[str], run: bool = True) -> IdrecogCLI:
+    return IdrecogCLI(
+        model_class=LightningModule,
+        datamodule_class=IdDataModule,
+        subclass_mode_model=True,
+        save_config_callback=IdrecogSaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=expand_shorthands(argv),
+        run=run,
+    )
+
+
+def run_unified(argv: list[str]) -> int:
+    """Entry point of ``idrecog fit|validate|test|predict`` (argv starts with the subcommand)."""
+    build_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_unified(sys.argv[1:]))
