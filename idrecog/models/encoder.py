@@ -60,6 +60,17 @@ class ViTEncoder(nn.Module):
     ) -> None:
         super().__init__()
         _check_name(name)
+        # the constructor arguments, so that a model holding this encoder can store and rebuild it
+        self.init_args: dict[str, Any] = {
+            "name": name,
+            "img_size": [int(img_size[0]), int(img_size[1])],
+            "depth": depth,
+            "embed_dim": embed_dim,
+            "num_heads": num_heads,
+            "drop_path_rate": drop_path_rate,
+            "init_from": init_from,
+            "model_kwargs": model_kwargs,
+        }
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         for k, v in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
             if v is not None:
