@@ -1,0 +1,74 @@
+"""``idrecog data check DIR`` and ``idrecog data show DIR --out grid.png`` (jsonargparse)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jsonargparse import ArgumentParser
+
+from idrecog.data.manifest import SPLITS
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="idrecog data", description="Dataset tools for a dataset folder (docs/data-format.md)."
+    )
+    sub = parser.add_subcommands(dest="subcommand", required=True)
+
+    check = ArgumentParser(
+        description="Validate every manifest line and referenced file; print a summary. Exit 1 on any problem."
+    )
+    check.add_argument("dir", type=str, help="the dataset folder (tasks.yaml, {train,val,test}.jsonl)")
+    check.add_argument("--splits", type=list[str], default=list(SPLITS), help="manifests to check")
+    check.add_argument(
+        "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
+    )
+    check.add_argument(
+        "--mask_samples", type=int, default=32, help="masks per task sampled for the pixel fractions"
+    )
+    sub.add_subcommand("check", check, help="validate a dataset folder")
+
+    show = ArgumentParser(
+        description="Draw a grid of samples with masks, boxes, labels and frames into a PNG."
+    )
+    show.add_argument("dir", type=str, help="the dataset folder")
+    show.add_argument("--split", type=str, default="train", help="which manifest to draw from")
+    show.add_argument("--n", type=int, default=16, help="number of samples")
+    show.add_argument("--seed", type=int, default=0, help="seed of the random pick")
+    show.add_argument("--out", type=str, required=True, help="the PNG to write")
+    show.add_argument("--tile_width", type=int, default=320, help="pixel width of each sample's image")
+    show.add_argument(
+        "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
+    )
+    sub.add_subcommand("show", show, help="draw samples into a PNG grid")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``idrecog data``; returns the exit code (check: 1 when problems were found)."""
+    cfg = build_parser().parse_args(list(argv) if argv is not None else None)
+    if cfg.subcommand == "check":
+        from idrecog.data.check import run_check
+
+        c = cfg.check
+        return run_check(
+            c.dir, splits=c.splits, allow_external_paths=c.allow_external_paths, mask_samples=c.mask_samples
+        )
+    from idrecog.data.show import show_samples
+
+    s = cfg.show
+    if s.split not in SPLITS:
+        from idrecog.errors import ConfigError
+
+        raise ConfigError(f"--split must be one of {SPLITS}, got {s.split!r}")
+    out = show_samples(
+        s.dir,
+        split=s.split,
+        n=s.n,
+        seed=s.seed,
+        out=s.out,
+        tile_width=s.tile_width,
+        allow_external_paths=s.allow_external_paths,
+    )
+    print(f"wrote {out}")
+    return 0

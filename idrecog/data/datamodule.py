@@ -1,0 +1,314 @@
+"""``IdDataModule``: the dataset folder as a LightningDataModule (``data:`` section of the LightningCLI configs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from idrecog.data.catalogue import TaskCatalogue, default_catalogue, load_catalogue
+from idrecog.data.collate import Collator
+from idrecog.data.dataset import ON_ERROR, IdDataset
+from idrecog.data.manifest import SPLITS, Sample, read_manifest
+from idrecog.data.resolvers import TaskResolver, create_task_resolver
+from idrecog.data.transforms import build_transforms, check_img_size
+from idrecog.data.user import UserFeatureEncoder
+from idrecog.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class MaskedLabelReport(Callback):
+    """Counts, per epoch and stage, the labels masked because a multi-frame task's frames were missing, then
+    prints and logs them (``data/{stage}_frames_missing/{task}``) at epoch end.
+
+    Counting happens on the collated batches in the main process, so it is right with any ``num_workers``.
+    The DataModule adds this callback to the trainer in ``setup`` when the catalogue has multi-frame tasks.
+    """
+
+    def __init__(self, catalogue: TaskCatalogue) -> None:
+        self.names = catalogue.names
+        self.frame_tasks = [j for j, s in enumerate(catalogue) if s.uses_frames]
+        self.counts: dict[str, torch.Tensor] = {}
+        #: the last report per stage: {task: count}
+        self.last: dict[str, dict[str, int]] = {}
+
+    def _add(self, stage: str, batch: Any) -> None:
+        fm = batch.get("frames_missing") if isinstance(batch, dict) else None
+        if fm is None:
+            return
+        c = fm.sum(0).cpu()
+        self.counts[stage] = self.counts.get(stage, torch.zeros_like(c)) + c
+
+    def _report(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        c = self.counts.pop(stage, None)
+        if c is None or trainer.sanity_checking:
+            return
+        report = {self.names[j]: int(c[j]) for j in self.frame_tasks}
+        self.last[stage] = report
+        if any(report.values()):
+            text = ", ".join(f"{k}: {v}" for k, v in report.items() if v)
+            rank_zero_info(
+                f"[data] {stage} epoch {trainer.current_epoch}: labels masked for missing frames: {text}"
+            )
+        for k, v in report.items():
+            try:
+                pl_module.log(
+                    f"data/{stage}_frames_missing/{k}",
+                    float(v),
+                    on_step=False,
+                    on_epoch=True,
+                    reduce_fx="sum",
+                )
+            except Exception:  # logging is best effort: never fail an epoch over a counter
+                log.debug("could not log masked-label counts", exc_info=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        self._add("train", batch)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:  # type: ignore[override]
+        self._add("val", batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[override]
+        self._add("test", batch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[override]
+        self._report("train", trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[override]
+        self._report("val", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[override]
+        self._report("test", trainer, pl_module)
+
+
+class IdDataModule(L.LightningDataModule):
+    """A dataset folder (``root/tasks.yaml`` + ``root/{train,val,test}.jsonl``), see docs/data-format.md.
+
+    Args:
+        root: the dataset folder.
+        synthesize_if_missing: generate the synthetic benchmark into ``root`` in ``prepare_data`` when it has no
+            ``tasks.yaml`` (``synth`` holds the keyword arguments of ``idrecog.synth.generate.generate_dataset``).
+        synth: e.g. ``{train: 2000, val: 300, test: 300, seed: 0}``.
+        img_size: (H, W) of the network input; each a multiple of ``patch_size``.
+        patch_size: the encoder's patch size (checked against ``img_size``).
+        batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings.
+        augment: train-time geometric and photometric augmentation (no flips).
+        task_resolver: a registered task resolver (``idrecog.data.resolvers.list_task_resolvers()``).
+        resolver_args: its keyword arguments, e.g. ``{missing: skip}`` for ``doc_type``.
+        on_error: ``raise`` or ``mask`` (a label that fails to load is masked and counted).
+        allow_external_paths: allow absolute and ``..`` paths in manifests.
+        limit_train_samples: keep a random subset (seeded) of this many train samples.
+        seed: the seed of the train shuffle and of ``limit_train_samples``.
+        cache_images: keep decoded images in memory (small datasets only; one copy per worker).
+        predict_split: the split ``predict_dataloader`` reads.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        synthesize_if_missing: bool = False,
+        synth: dict | None = None,
+        img_size: tuple[int, int] = (160, 256),
+        patch_size: int = 16,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        augment: bool = True,
+        task_resolver: str = "doc_type",
+        resolver_args: dict | None = None,
+        on_error: str = "raise",
+        allow_external_paths: bool = False,
+        limit_train_samples: int | None = None,
+        seed: int = 0,
+        cache_images: bool = False,
+        predict_split: str = "test",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.synthesize_if_missing = synthesize_if_missing
+        self.synth = dict(synth or {})
+        self.img_size = check_img_size(tuple(img_size), patch_size, "data.img_size")
+        self.patch_size = patch_size
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if predict_split not in SPLITS:
+            raise ConfigError(f"data.predict_split must be one of {SPLITS}, got {predict_split!r}")
+        if limit_train_samples is not None and limit_train_samples < 1:
+            raise ConfigError(f"data.limit_train_samples must be >= 1 or null, got {limit_train_samples}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.augment = augment
+        self.task_resolver = task_resolver
+        self.resolver_args = dict(resolver_args or {})
+        self.on_error = on_error
+        self.allow_external_paths = allow_external_paths
+        self.limit_train_samples = limit_train_samples
+        self.seed = seed
+        self.cache_images = cache_images
+        self.predict_split = predict_split
+        self._catalogue: TaskCatalogue | None = None
+        self._user_encoder: UserFeatureEncoder | None = None
+        self._train_samples: list[Sample] | None = None
+        self.datasets: dict[str, IdDataset] = {}
+
+    # ------------------------------------------------------------------ catalogue and preparation
+    def _has_data(self) -> bool:
+        return (self.root / "tasks.yaml").is_file()
+
+    def _missing_root_error(self) -> ConfigError:
+        what = "does not exist" if not self.root.exists() else "has no tasks.yaml"
+        return ConfigError(
+            f"data.root: dataset folder {str(self.root)!r} {what}; generate it with `idrecog synth --out {self.root}` "
+            "or set data.synthesize_if_missing: true"
+        )
+
+    @property
+    def catalogue(self) -> TaskCatalogue:
+        """``root/tasks.yaml``; before the data exists and with ``synthesize_if_missing``, the default catalogue."""
+        if self._catalogue is None:
+            if self._has_data():
+                self._catalogue = load_catalogue(self.root / "tasks.yaml")
+            elif self.synthesize_if_missing:
+                return default_catalogue()  # not cached: the generated tasks.yaml wins once it exists
+            else:
+                raise self._missing_root_error()
+        return self._catalogue
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic benchmark into ``root`` when it is missing and ``synthesize_if_missing``."""
+        if self._has_data():
+            return
+        if not self.synthesize_if_missing:
+            raise self._missing_root_error()
+        from idrecog.synth.generate import generate_dataset
+
+        kwargs = {"progress": True, **self.synth}
+        print(
+            f"[data] {self.root} has no dataset: generating the synthetic benchmark there ({kwargs})",
+            flush=True,
+        )
+        generate_dataset(self.root, **kwargs)
+        print(f"[data] wrote {self.root}", flush=True)
+
+    @property
+    def resolver(self) -> TaskResolver:
+        return create_task_resolver(self.task_resolver, self.catalogue, **self.resolver_args)
+
+    # ------------------------------------------------------------------ user encoder
+    def _read_train(self) -> list[Sample]:
+        if self._train_samples is None:
+            samples = read_manifest(
+                self.root / "train.jsonl", self.catalogue, allow_external_paths=self.allow_external_paths
+            )
+            if self.limit_train_samples is not None and self.limit_train_samples < len(samples):
+                g = torch.Generator().manual_seed(self.seed)
+                keep = sorted(torch.randperm(len(samples), generator=g)[: self.limit_train_samples].tolist())
+                samples = [samples[i] for i in keep]
+            self._train_samples = samples
+        return self._train_samples
+
+    @property
+    def user_encoder(self) -> UserFeatureEncoder:
+        """Fitted on the train split's user info (set it from a checkpoint's stored state to reuse that one)."""
+        if self._user_encoder is None:
+            if not self._has_data():
+                raise self._missing_root_error()
+            self._user_encoder = UserFeatureEncoder.fit(s.user for s in self._read_train())
+        return self._user_encoder
+
+    @user_encoder.setter
+    def user_encoder(self, value: UserFeatureEncoder | dict[str, Any]) -> None:
+        self._user_encoder = (
+            value if isinstance(value, UserFeatureEncoder) else UserFeatureEncoder.from_state(value)
+        )
+
+    # ------------------------------------------------------------------ datasets
+    def _dataset(self, split: str, train: bool) -> IdDataset:
+        cat = self.catalogue
+        needs_user = any(s.uses_user for s in cat)
+        samples = self._read_train() if split == "train" else None
+        return IdDataset(
+            self.root,
+            split,
+            cat,
+            resolver=self.resolver,
+            transform=build_transforms("fit" if train else "test", self.img_size, self.augment and train),
+            user_encoder=self.user_encoder if needs_user else None,
+            on_error=self.on_error,
+            allow_external_paths=self.allow_external_paths,
+            cache_images=self.cache_images,
+            samples=samples,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self._has_data():
+            raise self._missing_root_error()
+        wanted = {
+            "fit": [("train", True), ("val", False)],
+            "validate": [("val", False)],
+            "test": [("test", False)],
+            "predict": [(self.predict_split, False)],
+        }
+        todo = [x for st, xs in wanted.items() if stage in (None, st) for x in xs]
+        for split, train in todo:
+            key = "predict" if stage == "predict" else split
+            if key in self.datasets:
+                continue
+            ds = self._dataset(split, train)
+            self.datasets[key] = ds
+            missing = {k: v for k, v in ds.manifest_missing_frames().items() if v}
+            extra = f"; labelled samples without frames (masked): {missing}" if missing else ""
+            dropped = f"; {ds.n_dropped} without any applying task dropped" if ds.n_dropped else ""
+            rank_zero_info(
+                f"[data] {split}: {len(ds)} samples from {self.root / (split + '.jsonl')}{dropped}{extra}"
+            )
+        if todo:
+            rank_zero_info(f"[data] task resolver: {self.resolver.describe()}")
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and any(s.uses_frames for s in self.catalogue):
+            if not any(isinstance(c, MaskedLabelReport) for c in trainer.callbacks):
+                trainer.callbacks.append(MaskedLabelReport(self.catalogue))
+
+    def _loader(self, key: str, shuffle: bool) -> DataLoader:
+        if key not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[key])
+        ds = self.datasets[key]
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=Collator(ds.catalogue),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

@@ -1,0 +1,254 @@
+"""``IdDataset``: one split of a dataset folder (``DIR/tasks.yaml`` + ``DIR/{split}.jsonl``) as a torch Dataset.
+
+An item (before collation, see :func:`idrecog.data.collate.collate_samples`)::
+
+    image:     tv_tensors.Image float [3, H, W] (normalised when the transform normalises)
+    targets:   {task: load_target(...) after the transform, or None when the task does not apply / no label}
+    applies:   bool [T]   the task applies to the sample (task resolver)
+    present:   bool [T]   applies AND the label is non-null and loaded
+    frames_missing: bool [T]  a multi-frame task whose frames are missing (its label is masked)
+    id, doc_type
+    assoc:     {"flash": Image | None, "angles": [Image | None, ...]}  only when an applying task uses frames
+    user:      UserFeatureEncoder.encode(sample.user)                    only when an applying task uses user info
+
+The transform is called once per item on ``{"image", "frames", "targets"}`` so geometric augmentation moves
+the image, the frames of the same capture, the masks and the boxes together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from idrecog.data.catalogue import TaskCatalogue, load_catalogue
+from idrecog.data.manifest import Sample, read_manifest
+from idrecog.data.resolvers import DocTypeResolver, TaskResolver
+from idrecog.data.user import UserFeatureEncoder
+from idrecog.errors import ConfigError, DataFormatError
+from idrecog.tasks.registry import create_task_type
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "mask")
+
+
+def read_rgb(path: Path) -> tv_tensors.Image:
+    """Decode an image file to ``tv_tensors.Image`` uint8 [3, H, W] (PIL decode; alpha and palettes dropped)."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+
+
+def frames_available(spec_uses: tuple[str, ...], flash: Any, angles: list[Any]) -> bool:
+    """A multi-frame task can be answered when every frame kind it uses has at least one frame."""
+    if "flash" in spec_uses and flash is None:
+        return False
+    return not ("angles" in spec_uses and not any(a is not None for a in angles))
+
+
+class IdDataset(Dataset):
+    """One split of a dataset folder.
+
+    Args:
+        root: the dataset folder.
+        split: ``train``, ``val``, ``test`` (reads ``root/{split}.jsonl``), ignored when ``samples`` is given.
+        catalogue: defaults to ``root/tasks.yaml``.
+        resolver: which tasks apply to each sample; defaults to ``DocTypeResolver(catalogue)``.
+        transform: a v2 transform called on ``{"image", "frames", "targets"}``; by default only a float
+            conversion (no resize, no normalisation).
+        user_encoder: encodes ``sample.user``; fitted on this split's samples when None and a task uses user info.
+        on_error: ``raise`` (a label, mask or frame that fails to load raises ``DataFormatError``) or ``mask``
+            (that label is masked and counted in ``counts``). An unreadable main image always raises.
+        cache_images: keep decoded images and frames in memory (for small datasets; per worker process).
+        drop_empty: drop samples to which no task applies (e.g. ``DocTypeResolver(missing="skip")``).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        catalogue: TaskCatalogue | None = None,
+        *,
+        resolver: TaskResolver | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        user_encoder: UserFeatureEncoder | None = None,
+        on_error: str = "raise",
+        allow_external_paths: bool = False,
+        cache_images: bool = False,
+        samples: list[Sample] | None = None,
+        drop_empty: bool = True,
+    ) -> None:
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.root = Path(root)
+        self.split = split
+        self.catalogue = catalogue if catalogue is not None else load_catalogue(self.root / "tasks.yaml")
+        if samples is None:
+            samples = read_manifest(
+                self.root / f"{split}.jsonl", self.catalogue, allow_external_paths=allow_external_paths
+            )
+        self.resolver = resolver if resolver is not None else DocTypeResolver(self.catalogue)
+        resolved = self.resolver.resolve(samples, split)
+        if len(resolved) != len(samples):
+            raise ConfigError(
+                f"task resolver {self.resolver.name!r} returned {len(resolved)} results for {len(samples)} samples"
+            )
+        names = self.catalogue.names
+        applies = torch.zeros(len(samples), len(names), dtype=torch.bool)
+        for i, tasks in enumerate(resolved):
+            for t in tasks:
+                if t not in self.catalogue:
+                    raise ConfigError(f"task resolver {self.resolver.name!r} returned unknown task {t!r}")
+                applies[i, self.catalogue.index(t)] = True
+        keep = applies.any(1) if drop_empty else torch.ones(len(samples), dtype=torch.bool)
+        self.n_dropped = int((~keep).sum())
+        self.samples: list[Sample] = [s for s, k in zip(samples, keep.tolist(), strict=True) if k]
+        self.applies = applies[keep]
+        self.task_types = [create_task_type(spec) for spec in self.catalogue]
+        self.frame_tasks = [j for j, spec in enumerate(self.catalogue) if spec.uses_frames]
+        self.user_tasks = [j for j, spec in enumerate(self.catalogue) if spec.uses_user]
+        if user_encoder is None and self.user_tasks:
+            user_encoder = UserFeatureEncoder.fit(s.user for s in self.samples)
+        self.user_encoder = user_encoder
+        self.transform = (
+            transform
+            if transform is not None
+            else v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+        )
+        self.on_error = on_error
+        self.cache_images = cache_images
+        self._cache: dict[Path, tv_tensors.Image] = {}
+        #: per-process counts of masked labels: "frames_missing/<task>", "user_missing/<task>", "load_error/<task>"
+        self.counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    # ------------------------------------------------------------------ summaries
+    def manifest_missing_frames(self) -> dict[str, int]:
+        """Per multi-frame task: labelled samples it applies to whose manifest lists none of the frames it uses."""
+        out: dict[str, int] = {}
+        for j in self.frame_tasks:
+            spec = self.catalogue.tasks[j]
+            n = 0
+            for s, a in zip(self.samples, self.applies[:, j].tolist(), strict=True):
+                if (
+                    a
+                    and s.labels.get(spec.name) is not None
+                    and not frames_available(spec.uses, s.flash, s.angles)
+                ):
+                    n += 1
+            out[spec.name] = n
+        return out
+
+    # ------------------------------------------------------------------ loading
+    def _path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def _load_image(self, rel: str, sample: Sample, field: str) -> tv_tensors.Image:
+        path = self._path(rel)
+        cached = self._cache.get(path)
+        if cached is not None:
+            return cached
+        try:
+            img = read_rgb(path)
+        except FileNotFoundError:
+            raise DataFormatError(
+                f"file not found: {path}", file=sample.source, line=sample.line, field=field
+            ) from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataFormatError(
+                f"cannot decode image {path}: {e}", file=sample.source, line=sample.line, field=field
+            ) from None
+        if self.cache_images:
+            self._cache[path] = img
+        return img
+
+    def _load_frame(
+        self, rel: str | None, sample: Sample, field: str, size: tuple[int, int]
+    ) -> tv_tensors.Image | None:
+        if rel is None:
+            return None
+        try:
+            img = self._load_image(rel, sample, field)
+        except DataFormatError:
+            if not self._path(rel).exists() or self.on_error == "mask":
+                return None  # a missing frame file counts as a missing frame
+            raise
+        if tuple(img.shape[-2:]) != size:
+            # one capture's frames should share the image size; resize so the joint transform can run
+            img = tv_tensors.wrap(F.resize(img, list(size), antialias=True), like=img)
+        return img
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        image = self._load_image(s.image, s, "image")
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        applies = self.applies[index].clone()
+        present = torch.zeros_like(applies)
+        frames_missing = torch.zeros_like(applies)
+
+        frames: dict[str, Any] | None = None
+        if any(applies[j] for j in self.frame_tasks):
+            frames = {
+                "flash": self._load_frame(s.flash, s, "assoc.flash", size),
+                "angles": [
+                    self._load_frame(a, s, f"assoc.angles[{k}]", size) for k, a in enumerate(s.angles)
+                ],
+            }
+
+        targets: dict[str, Any] = {}
+        for j, (spec, tt) in enumerate(zip(self.catalogue.tasks, self.task_types, strict=True)):
+            targets[spec.name] = None
+            value = s.labels.get(spec.name)
+            if not applies[j] or value is None:
+                continue
+            if spec.uses_frames and (
+                frames is None or not frames_available(spec.uses, frames["flash"], frames["angles"])
+            ):
+                frames_missing[j] = True
+                self.counts[f"frames_missing/{spec.name}"] += 1
+                continue
+            if spec.uses_user and not s.user:
+                self.counts[f"user_missing/{spec.name}"] += 1
+                continue
+            try:
+                targets[spec.name] = tt.load_target(value, self.root, size)
+            except (ValueError, OSError) as e:
+                if self.on_error == "raise":
+                    raise DataFormatError(
+                        str(e), file=s.source, line=s.line, field=f"labels.{spec.name}"
+                    ) from None
+                self.counts[f"load_error/{spec.name}"] += 1
+                continue
+            present[j] = True
+
+        out = self.transform({"image": image, "frames": frames, "targets": targets})
+        item: dict[str, Any] = {
+            "image": out["image"],
+            "targets": out["targets"],
+            "applies": applies,
+            "present": present,
+            "frames_missing": frames_missing,
+            "id": s.id,
+            "doc_type": s.doc_type,
+        }
+        if frames is not None:
+            item["assoc"] = out["frames"]
+        if self.user_encoder is not None and any(applies[j] for j in self.user_tasks):
+            item["user"] = self.user_encoder.encode(s.user)
+        return item
+
+    def __repr__(self) -> str:
+        return f"IdDataset(root={str(self.root)!r}, split={self.split!r}, samples={len(self)}, tasks={len(self.catalogue)})"
