@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-encoder": ("idrecog.lit.mae_cli:export_encoder_main", "write encoder weights in timm format (safetensors)"),
     "synth": ("idrecog.synth.cli:main", "generate the synthetic identity-document benchmark"),
     "data": ("idrecog.data.cli:main", "dataset tools: `data check DIR`, `data show DIR --out grid.png`"),
+    "recognize": ("idrecog.recognition.cli:recognize_main", "recognise document images: one JSON object per image"),
+    "export": ("idrecog.recognition.cli:export_main", "export the multi-task model (ONNX or TorchScript)"),
+    "serve": ("idrecog.recognition.cli:serve_main", "HTTP service: POST /recognize, GET /health"),
 }
 
 

@@ -1,0 +1,150 @@
+"""``idrecog recognize``, ``idrecog export`` and ``idrecog serve`` (jsonargparse parsers)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+from idrecog.errors import ConfigError, DataFormatError
+
+
+def _rules_arg(value: str | None) -> str | None:
+    """``default`` -> the shipped rule file; ``none`` -> no rules; else a path."""
+    from idrecog.recognition.rules import default_rules_path
+
+    if value is None or value.lower() == "none":
+        return None
+    if value == "default":
+        return str(default_rules_path())
+    return value
+
+
+def _open_image(path: str, field: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataFormatError("image not found", file=path, field=field) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataFormatError(f"cannot decode image: {e}", file=path, field=field) from None
+
+
+def recognize_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="idrecog recognize", description="Recognise document images; one JSON object per line."
+    )
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--ckpt_path", required=True, help="unified-model checkpoint (idrecog fit)")
+    p.add_argument("--flash", default=None, help="flash frame of the capture (applies to every image)")
+    p.add_argument("--angles", nargs="+", default=None, help="angle frames of the capture")
+    p.add_argument(
+        "--user", default=None, help="user info: a JSON object {attributes, behaviour} or a .json file"
+    )
+    p.add_argument("--doc-type", "--doc_type", dest="doc_type", default=None, help="known document type")
+    p.add_argument("--rules", default="default", help="rule file; 'default' (shipped) or 'none'")
+    p.add_argument("--out", default=None, help="folder for segmentation masks (PNG)")
+    p.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def recognize_main(argv: list[str]) -> int:
+    args = recognize_parser().parse_args(argv)
+    from idrecog.recognition.recognizer import RecognitionRequest, Recognizer
+
+    user = None
+    if args.user:
+        text = (
+            Path(args.user).read_text()
+            if args.user.endswith(".json") and Path(args.user).is_file()
+            else args.user
+        )
+        try:
+            user = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--user: not valid JSON: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError("--user must be a JSON object {attributes, behaviour}")
+    rec = Recognizer.from_checkpoint(
+        args.ckpt_path,
+        map_location=args.device,
+        rules=_rules_arg(args.rules),
+        out_dir=args.out,
+        batch_size=args.batch_size,
+    )
+    flash = _open_image(args.flash, "--flash") if args.flash else None
+    angles = [_open_image(a, "--angles") for a in args.angles or []]
+    requests = [
+        RecognitionRequest(
+            image=_open_image(p, "image"),
+            id=Path(p).stem,
+            flash=flash,
+            angles=angles,
+            user=user,
+            doc_type=args.doc_type,
+        )
+        for p in args.images
+    ]
+    for record in rec.recognize(requests, images=list(args.images)):
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    p = ArgumentParser(
+        prog="idrecog export", description="Export the whole multi-task model as one artefact."
+    )
+    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--check", type=bool, default=True, help="ONNX: compare with PyTorch on random images")
+    args = p.parse_args(argv)
+    import torch
+
+    from idrecog.lit.unified import load_unified
+    from idrecog.recognition.export import export_model, onnx_parity
+
+    module = load_unified(args.ckpt_path)
+    info = export_model(module, args.out, args.format, opset=args.opset)
+    if args.format == "onnx" and args.check:
+        h, w = module.model.encoder.img_size
+        diffs = onnx_parity(module, args.out, torch.randn(3, 3, h, w))
+        info["max_abs_diff"] = max(diffs.values())
+    print(json.dumps(info), file=sys.stdout)
+    return 0
+
+
+def serve_main(argv: list[str]) -> int:
+    from idrecog.recognition.serve import ServeLimits
+
+    p = ArgumentParser(prog="idrecog serve", description="Serve POST /recognize (multipart) and GET /health.")
+    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--rules", default="default", help="rule file; 'default' (shipped) or 'none'")
+    p.add_argument("--limits", type=ServeLimits, default=ServeLimits(), help="request limits and batching")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log_level", default="warning")
+    args = p.parse_args(argv)
+    from idrecog.recognition.recognizer import Recognizer
+    from idrecog.recognition.serve import serve
+
+    limits = args.limits if isinstance(args.limits, ServeLimits) else ServeLimits(**dict(args.limits))
+    rec = Recognizer.from_checkpoint(
+        args.ckpt_path,
+        map_location=args.device,
+        rules=_rules_arg(args.rules),
+        batch_size=limits.max_batch_size,
+    )
+    print(
+        f"[idrecog] serving {args.ckpt_path} on http://{args.host}:{args.port} (POST /recognize, GET /health)"
+    )
+    serve(rec, host=args.host, port=args.port, limits=limits, log_level=args.log_level)
+    return 0
