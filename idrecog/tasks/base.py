@@ -5,11 +5,15 @@ A task type owns everything type-specific, so that the data pipeline, the model 
 * data side: ``check_label`` (manifest value), ``load_target`` (value -> per-sample target, with
   ``torchvision.tv_tensors`` for anything geometric so that v2 transforms move it with the image), ``collate``;
 * model side: ``num_queries`` (query tokens the task owns in the decoder), ``build_head`` (its output unit),
-  ``loss``, ``build_metrics`` / ``update_metrics``, ``postprocess`` (JSON-able outputs).
+  ``loss``, ``build_metrics`` / ``update_metrics`` / ``compute_metrics``, ``postprocess`` (JSON-able outputs);
+* self-description for tests and docs: ``example_spec`` / ``example_label`` (a small catalogue entry and a
+  valid manifest value, so that the contract tests in ``tests/test_task_types.py`` cover every registered type
+  with no per-type code) and ``output_shapes``.
 
 Shapes: ``task_feats: [B, Q, D]`` for the task's Q query tokens; ``present: [B]`` bool, True where the task
 applies to the sample and its label is known. Losses are means over present samples and are exactly zero
-(still attached to the graph, never NaN) when no sample is present.
+(still attached to the graph, never NaN) when no sample is present. The targets of absent samples are
+placeholders (-1, NaN, all-255 masks, None) and must never reach a loss or a metric.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class TaskType(ABC):
     label_format: ClassVar[str] = ""
     #: the collated target handed to ``loss`` and ``update_metrics``
     target_format: ClassVar[str] = ""
+    #: one line for docs: what the output unit returns
+    output_format: ClassVar[str] = ""
     #: key of the metric that enters ``val/score``, and whether higher is better
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
@@ -64,6 +70,7 @@ class TaskType(ABC):
     @classmethod
     def validate_spec(cls, spec: TaskSpec) -> None:
         """Raise ``ValueError`` when the catalogue entry lacks what the type needs (classes, range...)."""
+        return None
 
     @abstractmethod
     def check_label(self, value: Any) -> None:
@@ -96,19 +103,76 @@ class TaskType(ABC):
         """A fresh torchmetrics ``MetricCollection`` (cloned per stage by the LightningModule)."""
 
     @abstractmethod
-    def update_metrics(self, metrics: MetricCollection, outputs: dict[str, Tensor], targets: Any, present: Tensor) -> None:
+    def update_metrics(
+        self, metrics: MetricCollection, outputs: dict[str, Tensor], targets: Any, present: Tensor
+    ) -> None:
         """Update ``metrics`` with the present samples only."""
+
+    def compute_metrics(self, metrics: MetricCollection) -> dict[str, Tensor]:
+        """``metrics.compute()`` flattened to scalar tensors (one of them keyed ``primary_metric``).
+
+        Metrics that were never updated (no present sample in the whole stage) are left out rather than
+        reported as a meaningless default; non-scalar entries (per-class tensors) are dropped.
+        """
+        if all(getattr(m, "update_count", 1) == 0 for m in metrics.values()):
+            return {}
+        out: dict[str, Tensor] = {}
+        for key, value in _flatten(metrics.compute()).items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                out[key] = value.reshape(()).float()
+        return out
 
     @abstractmethod
     def postprocess(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
-        """Per-sample JSON-able outputs (class and probabilities, value, mask, boxes...)."""
+        """Per-sample outputs (class and probabilities, value, mask, boxes...): JSON-able, except numpy arrays
+        (segmentation masks), which callers write as files."""
+
+    # ---------------------------------------------------------------- self-description
+    @classmethod
+    def example_spec(cls) -> TaskSpec:
+        """A small valid catalogue entry of this type (contract tests, docs). Override in every type."""
+        raise NotImplementedError(f"{cls.__qualname__} provides no example_spec()")
+
+    @classmethod
+    def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> Any:
+        """A valid manifest value for ``spec`` (may write a file under ``root``, e.g. a mask PNG). ``seed`` varies
+        it so that a few labels cover several classes."""
+        raise NotImplementedError(f"{cls.__qualname__} provides no example_label()")
+
+    def output_shapes(
+        self, batch_size: int, image_size: tuple[int, int]
+    ) -> dict[str, tuple[int, ...]] | None:
+        """Shape of every tensor the output unit returns (None: not declared; outputs still lead with B)."""
+        return None
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
     def zero_loss(outputs: dict[str, Tensor]) -> Tensor:
-        """A zero that keeps the graph connected to every output (so DDP sees all parameters used)."""
-        return sum((v.sum() * 0.0 for v in outputs.values() if isinstance(v, Tensor) and v.is_floating_point()),
-                   torch.zeros(()))
+        """A zero on the outputs' device that keeps the graph connected to every floating output (so that DDP
+        sees every parameter used and ``backward`` works when no sample of the batch is present)."""
+        floats = [v for v in outputs.values() if isinstance(v, Tensor) and v.is_floating_point()]
+        if not floats:
+            device = next((v.device for v in outputs.values() if isinstance(v, Tensor)), None)
+            return torch.zeros((), device=device)
+        zero = floats[0].new_zeros(())
+        for v in floats:
+            # nan_to_num: 0 * NaN would be NaN, and the zero must be exactly zero whatever the outputs hold
+            zero = zero + v.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+        return zero
+
+    @staticmethod
+    def present_index(present: Tensor) -> Tensor:
+        """present: [B] bool -> LongTensor of the present rows (on ``present``'s device)."""
+        return present.nonzero(as_tuple=True)[0]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.name!r})"
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}" if not prefix else f"{prefix}/{k}"))
+        return out
+    return {prefix: value}

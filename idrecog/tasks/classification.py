@@ -1,4 +1,7 @@
-"""Classification: one query token, logits over the task's classes."""
+"""Classification: one query token, logits over the task's classes.
+
+Options: ``label_smoothing`` (float, default 0) for the cross-entropy.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from idrecog.data.catalogue import TaskSpec
-from idrecog.tasks.base import TaskType
+from idrecog.tasks.base import HeadContext, TaskType
 from idrecog.tasks.registry import register_task_type
+
+
+class ClassificationHead(nn.Module):
+    """LayerNorm + Linear on the task's query token.
+
+    task_feats: [B, 1, D] -> {"logits": [B, C]}.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, task_feats: Tensor, ctx: HeadContext | None = None) -> dict[str, Tensor]:
+        return {"logits": self.fc(self.norm(task_feats[:, 0]))}
 
 
 @register_task_type
@@ -18,6 +39,7 @@ class Classification(TaskType):
     type_name = "classification"
     label_format = "a class name from the task's `classes`"
     target_format = "LongTensor [B] of class indices, -1 where absent"
+    output_format = "logits [B, C]"
     primary_metric = "accuracy"
 
     @classmethod
@@ -34,3 +56,63 @@ class Classification(TaskType):
 
     def collate(self, targets: list[Any | None]) -> Tensor:
         return torch.tensor([-1 if t is None else int(t) for t in targets], dtype=torch.long)
+
+    # ---------------------------------------------------------------- model side
+    def build_head(self, dim: int) -> nn.Module:
+        return ClassificationHead(dim, self.spec.num_classes)
+
+    def loss(self, outputs: dict[str, Tensor], targets: Tensor, present: Tensor) -> Tensor:
+        idx = self.present_index(present)
+        if idx.numel() == 0:
+            return self.zero_loss(outputs)
+        return F.cross_entropy(
+            outputs["logits"][idx].float(),
+            targets.to(idx.device)[idx],
+            label_smoothing=float(self.options.get("label_smoothing", 0.0)),
+        )
+
+    def build_metrics(self) -> MetricCollection:
+        c = self.spec.num_classes
+        return MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(num_classes=c, average="micro"),
+                "f1_macro": MulticlassF1Score(num_classes=c, average="macro"),
+                "auroc": MulticlassAUROC(num_classes=c),
+            }
+        )
+
+    def update_metrics(
+        self, metrics: MetricCollection, outputs: dict[str, Tensor], targets: Tensor, present: Tensor
+    ) -> None:
+        idx = self.present_index(present)
+        if idx.numel():
+            metrics.update(outputs["logits"][idx].detach().float().softmax(-1), targets.to(idx.device)[idx])
+
+    def postprocess(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
+        probs = outputs["logits"].detach().float().softmax(-1).cpu()
+        names = self.spec.classes or ()
+        return [
+            {
+                "class": names[int(p.argmax())],
+                "probabilities": {n: round(float(v), 6) for n, v in zip(names, p, strict=True)},
+            }
+            for p in probs
+        ]
+
+    # ---------------------------------------------------------------- self-description
+    @classmethod
+    def example_spec(cls) -> TaskSpec:
+        return TaskSpec(
+            name="example_classification",
+            type=cls.type_name,
+            query_text="Has the document been tampered with?",
+            classes=("genuine", "swap", "edit"),
+        )
+
+    @classmethod
+    def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> str:
+        classes = spec.classes or ()
+        return classes[seed % len(classes)]
+
+    def output_shapes(self, batch_size: int, image_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+        return {"logits": (batch_size, self.spec.num_classes)}

@@ -1,4 +1,14 @@
-"""Detection: N object queries, each a class (or no-object) and a box; DETR set loss with Hungarian matching."""
+"""Detection: N object queries, each a class (or no-object) and a box; DETR set loss with Hungarian matching.
+
+Boxes: targets are xyxy in image pixels; the head predicts normalised cxcywh in [0, 1]. The loss does not
+receive the ``HeadContext``, so the head also returns ``image_size`` ([B, 2] long, (H, W) of the network
+input, one row per sample so that every output stays indexable by sample); ``loss``, ``update_metrics`` and
+``postprocess`` convert between pixels and normalised boxes with it.
+
+Options: ``num_queries`` (16), ``eos_coef`` (0.1, cross-entropy weight of the no-object class),
+``loss_class`` / ``loss_bbox`` / ``loss_giou`` (1 / 5 / 2, also the matching costs),
+``score_threshold`` (0.5, ``postprocess`` only).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +17,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.detection import MeanAveragePrecision
 from torchvision import tv_tensors
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from idrecog.data.catalogue import TaskSpec
-from idrecog.tasks.base import TaskType
+from idrecog.tasks.base import HeadContext, TaskType
+from idrecog.tasks.matcher import HungarianMatcher
 from idrecog.tasks.registry import register_task_type
+
+
+class DetectionHead(nn.Module):
+    """Per object query: class logits (last = no-object) and a box from a 3-layer MLP (DETR).
+
+    task_feats: [B, N, D] -> {"logits": [B, N, C + 1], "boxes": [B, N, 4] cxcywh in [0, 1],
+    "image_size": [B, 2] long (H, W)}.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.class_embed = nn.Linear(dim, num_classes + 1)
+        self.bbox_embed = nn.Sequential(
+            nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 4)
+        )
+
+    def forward(self, task_feats: Tensor, ctx: HeadContext) -> dict[str, Tensor]:
+        x = self.norm(task_feats)
+        size = torch.tensor(tuple(ctx.image_size), dtype=torch.long, device=x.device)
+        return {
+            "logits": self.class_embed(x),
+            "boxes": self.bbox_embed(x).sigmoid(),
+            "image_size": size.expand(x.shape[0], 2),
+        }
+
+
+def _scale(image_size: Tensor) -> Tensor:
+    """image_size: [2] (H, W) -> [4] (W, H, W, H) float, the divisor of xyxy pixel boxes."""
+    h, w = image_size.float().unbind(-1)
+    return torch.stack([w, h, w, h])
 
 
 @register_task_type
@@ -20,7 +66,19 @@ class Detection(TaskType):
     type_name = "detection"
     label_format = "list of {box: [x1, y1, x2, y2] in image pixels, label: class name} (may be empty)"
     target_format = "list (length B) of {boxes: FloatTensor [n, 4] xyxy pixels, labels: LongTensor [n]}, None where absent"
+    output_format = (
+        "logits [B, N, C + 1] (last = no-object), boxes [B, N, 4] cxcywh in [0, 1], image_size [B, 2]"
+    )
     primary_metric = "map_50"
+
+    def __init__(self, spec: TaskSpec, **options: Any) -> None:
+        super().__init__(spec, **options)
+        self.weights = (
+            float(options.get("loss_class", 1.0)),
+            float(options.get("loss_bbox", 5.0)),
+            float(options.get("loss_giou", 2.0)),
+        )
+        self.matcher = HungarianMatcher(*self.weights)
 
     @classmethod
     def validate_spec(cls, spec: TaskSpec) -> None:
@@ -38,12 +96,16 @@ class Detection(TaskType):
             if not isinstance(obj, dict) or set(obj) != {"box", "label"}:
                 raise ValueError(f"[{j}] must be an object with exactly the keys 'box' and 'label'")
             if obj["label"] not in (self.spec.classes or ()):
-                raise ValueError(f"[{j}].label {obj['label']!r} is not one of {list(self.spec.classes or ())}")
+                raise ValueError(
+                    f"[{j}].label {obj['label']!r} is not one of {list(self.spec.classes or ())}"
+                )
             b = obj["box"]
             if (
                 not isinstance(b, list)
                 or len(b) != 4
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in b)
+                or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in b
+                )
             ):
                 raise ValueError(f"[{j}].box must be 4 finite numbers [x1, y1, x2, y2], got {b!r}")
             if not (b[2] > b[0] and b[3] > b[1]):
@@ -69,3 +131,146 @@ class Detection(TaskType):
                 boxes = t["boxes"].as_subclass(Tensor).float().reshape(-1, 4)
                 out.append({"boxes": boxes, "labels": t["labels"].long()})
         return out
+
+    # ---------------------------------------------------------------- model side
+    def build_head(self, dim: int) -> nn.Module:
+        return DetectionHead(dim, self.spec.num_classes)
+
+    def _normalised_targets(
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor] | None], idx: Tensor
+    ) -> list[dict[str, Tensor]]:
+        device = outputs["boxes"].device
+        out = []
+        for i in idx.tolist():
+            t = targets[i]
+            assert t is not None, "a present detection sample has no target"
+            boxes = t["boxes"].to(device).float() / _scale(outputs["image_size"][i]).to(device)
+            out.append({"labels": t["labels"].to(device), "boxes": box_convert(boxes, "xyxy", "cxcywh")})
+        return out
+
+    def loss(
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor] | None], present: Tensor
+    ) -> Tensor:
+        idx = self.present_index(present)
+        if idx.numel() == 0:
+            return self.zero_loss(outputs)
+        logits = outputs["logits"][idx].float()
+        boxes = outputs["boxes"][idx].float()
+        tgts = self._normalised_targets(outputs, targets, idx)
+        matches = self.matcher(logits, boxes, tgts)
+
+        num_classes = self.spec.num_classes
+        tgt_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
+        src_boxes, tgt_boxes = [], []
+        for j, ((qi, ti), t) in enumerate(zip(matches, tgts, strict=True)):
+            tgt_classes[j, qi] = t["labels"][ti]
+            src_boxes.append(boxes[j, qi])
+            tgt_boxes.append(t["boxes"][ti])
+        weight = torch.ones(num_classes + 1, device=logits.device)
+        weight[num_classes] = float(self.options.get("eos_coef", 0.1))
+        loss_class = F.cross_entropy(logits.flatten(0, 1), tgt_classes.flatten(), weight=weight)
+
+        src, tgt = torch.cat(src_boxes), torch.cat(tgt_boxes)
+        # DETR: box terms summed over matched pairs, divided by the number of target boxes
+        num_boxes = max(sum(len(t["labels"]) for t in tgts), 1)
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        loss_giou = (
+            generalized_box_iou_loss(
+                box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="sum"
+            )
+            / num_boxes
+        )
+        w_class, w_bbox, w_giou = self.weights
+        return w_class * loss_class + w_bbox * loss_bbox + w_giou * loss_giou
+
+    def build_metrics(self) -> MetricCollection:
+        return MetricCollection(
+            {"map": MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")}
+        )
+
+    def _predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """Every query as a scored pixel-xyxy box of its best real class (what COCO mAP expects)."""
+        probs = outputs["logits"].detach().float().softmax(-1)[..., :-1]
+        scores, labels = probs.max(-1)
+        preds = []
+        for i in range(probs.shape[0]):
+            h, w = outputs["image_size"][i].tolist()
+            xyxy = box_convert(outputs["boxes"][i].detach().float(), "cxcywh", "xyxy")
+            xyxy = (xyxy * _scale(outputs["image_size"][i]).to(xyxy.device)).clamp(min=0)
+            xyxy = torch.minimum(xyxy, xyxy.new_tensor([w, h, w, h]))
+            preds.append({"boxes": xyxy, "scores": scores[i], "labels": labels[i]})
+        return preds
+
+    def update_metrics(
+        self,
+        metrics: MetricCollection,
+        outputs: dict[str, Tensor],
+        targets: list[dict[str, Tensor] | None],
+        present: Tensor,
+    ) -> None:
+        idx = self.present_index(present).tolist()
+        if not idx:
+            return
+        preds = self._predictions(outputs)
+        device = outputs["boxes"].device
+        tgts = []
+        for i in idx:
+            t = targets[i]
+            assert t is not None, "a present detection sample has no target"
+            tgts.append({"boxes": t["boxes"].to(device).float(), "labels": t["labels"].to(device)})
+        metrics.update([preds[i] for i in idx], tgts)
+
+    def compute_metrics(self, metrics: MetricCollection) -> dict[str, Tensor]:
+        # MeanAveragePrecision also reports mar_*, size buckets and the class list: keep the headline numbers
+        out = super().compute_metrics(metrics)
+        return {k: out[k] for k in ("map", "map_50", "map_75") if k in out}
+
+    def postprocess(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
+        threshold = float(self.options.get("score_threshold", 0.5))
+        names = self.spec.classes or ()
+        out = []
+        for p in self._predictions(outputs):
+            keep = (p["scores"] >= threshold).nonzero(as_tuple=True)[0]
+            keep = keep[p["scores"][keep].argsort(descending=True)]
+            out.append(
+                {
+                    "boxes": [
+                        {
+                            "box": [round(float(v), 2) for v in p["boxes"][k]],
+                            "label": names[int(p["labels"][k])],
+                            "score": round(float(p["scores"][k]), 6),
+                        }
+                        for k in keep.tolist()
+                    ]
+                }
+            )
+        return out
+
+    # ---------------------------------------------------------------- self-description
+    @classmethod
+    def example_spec(cls) -> TaskSpec:
+        return TaskSpec(
+            name="example_detection",
+            type=cls.type_name,
+            query_text="Locate the portrait and the MRZ.",
+            classes=("portrait", "mrz"),
+            options={"num_queries": 4},
+        )
+
+    @classmethod
+    def example_label(
+        cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0
+    ) -> list[dict[str, Any]]:
+        h, w = image_size
+        classes = spec.classes or ()
+        objs = []
+        for k in range(1 + seed % 3):
+            x1, y1 = (0.05 + 0.3 * k) * w, (0.1 + (0.05 * seed) % 0.5) * h
+            objs.append(
+                {"box": [x1, y1, x1 + 0.25 * w, y1 + 0.4 * h], "label": classes[(k + seed) % len(classes)]}
+            )
+        return objs
+
+    def output_shapes(self, batch_size: int, image_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+        n, c = self.num_queries, self.spec.num_classes
+        return {"logits": (batch_size, n, c + 1), "boxes": (batch_size, n, 4), "image_size": (batch_size, 2)}

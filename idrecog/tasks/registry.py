@@ -36,7 +36,9 @@ def register_task_type(cls: T) -> T:
         raise ConfigError(f"{cls.__qualname__} must set a non-empty class attribute 'type_name'")
     existing = _TASK_TYPES.get(name)
     if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise ConfigError(f"task type {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        raise ConfigError(
+            f"task type {name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
+        )
     _TASK_TYPES[name] = cls
     return cls
 
