@@ -1,0 +1,430 @@
+"""``UnifiedModule``: the LightningModule that trains, evaluates and runs the unified model.
+
+One ``_shared_step`` for train/val/test: forward every catalogue task in one pass (``route="known"``), per-task
+losses masked by ``batch["present"]``, balanced total plus the interpreter's gate loss, per-task metrics on
+present samples. ``predict_step`` routes with the guidance unit (``route="guided"``). See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from idrecog.data.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
+from idrecog.errors import ConfigError
+from idrecog.lit.balancing import create_balancer
+from idrecog.lit.optim import WarmupCosine, build_param_groups, make_adamw, resolve_warmup
+from idrecog.models.decoder import TaskDecoder
+from idrecog.models.encoder import ViTEncoder
+from idrecog.models.interpreter import Route, TaskGuidedInterpreter
+from idrecog.models.queries import LearnedQueries, TaskQueryProvider, module_key
+from idrecog.models.unified import UnifiedModel, module_config, module_from_config
+from idrecog.tasks.base import TaskType
+from idrecog.tasks.registry import get_task_type_class
+
+__all__ = ["UnifiedModule", "format_metrics_table", "load_unified", "score_of"]
+
+STAGES = ("train", "val", "test")
+
+
+class MaskedMean(Metric):
+    """Mean of per-batch values weighted by a count (the batch's present samples); DDP-reduced by sum."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, count: Tensor) -> None:
+        count = count.to(torch.float64)
+        self.total += torch.where(count > 0, value.detach().to(torch.float64) * count, 0.0)
+        self.count += count
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
+
+
+def score_of(task_type: TaskType, value: float) -> float:
+    """The task's primary metric made higher-is-better, for ``{stage}/score``.
+
+    Higher-is-better metrics are used as they are. Lower-is-better ones are errors in the task's units
+    (regression MAE): ``max(0, 1 - value / (high - low))`` with the catalogue ``range``, i.e. one minus the
+    error as a fraction of the range width, floored at 0; without a range, ``1 / (1 + value)``.
+    """
+    if task_type.higher_is_better:
+        return float(value)
+    rng = task_type.spec.range
+    if rng is not None:
+        return max(0.0, 1.0 - float(value) / (rng[1] - rng[0]))
+    return 1.0 / (1.0 + max(0.0, float(value)))
+
+
+class UnifiedModule(L.LightningModule):
+    """The unified multi-task model for training, evaluation and prediction.
+
+    Args:
+        catalogue: the task catalogue's ``to_dict()`` (the CLI links it from the DataModule); None: the built-in
+            synthetic catalogue.
+        encoder / queries / decoder / interpreter: the parts (None: tiny defaults: ``vit_tiny_patch16_224`` at
+            160x256, learned queries, a 2-layer 192-wide decoder, a 128-wide guidance unit).
+        task_options: per task TYPE (or task name) options, e.g. ``{"detection": {"num_queries": 16}}``.
+        task_weights: fixed per-task loss multipliers (default 1).
+        balancing: ``fixed`` | ``uncertainty`` (Kendall et al.) | ``dwa`` (Liu et al.).
+        balancing_options: extra arguments of the balancer (``dwa``: ``temperature``).
+        gate_loss_weight: weight of the guidance unit's cross-entropy.
+        lr: peak learning rate of the decoder, heads and queries.
+        encoder_lr_scale: encoder lr = lr * encoder_lr_scale * layer_decay ** (depth - layer).
+        layer_decay: layer-wise lr decay over the ViT blocks (1: none).
+        weight_decay: AdamW weight decay (not on biases, norms, position embeddings, tokens, queries).
+        warmup_steps: linear warm-up steps (>= 1), or a fraction (< 1) of the total steps.
+        min_lr_ratio: the cosine ends at lr * min_lr_ratio.
+        fused_adamw: fused AdamW kernel; None: on when every parameter is on CUDA.
+        compile: ``torch.compile`` the model's forward (in ``configure_model``).
+        user_features: JSON state of the DataModule's user-feature encoder (for user-conditioned queries).
+        train_metrics: also compute metrics on the training set (off: faster).
+    """
+
+    def __init__(
+        self,
+        catalogue: dict | None = None,
+        encoder: ViTEncoder | None = None,
+        queries: TaskQueryProvider | None = None,
+        decoder: TaskDecoder | None = None,
+        interpreter: TaskGuidedInterpreter | None = None,
+        task_options: dict[str, dict] | None = None,
+        task_weights: dict[str, float] | None = None,
+        balancing: str = "fixed",
+        balancing_options: dict[str, Any] | None = None,
+        gate_loss_weight: float = 0.1,
+        lr: float = 1e-3,
+        encoder_lr_scale: float = 0.5,
+        layer_decay: float = 0.75,
+        weight_decay: float = 0.05,
+        warmup_steps: int | float = 100,
+        min_lr_ratio: float = 0.01,
+        fused_adamw: bool | None = None,
+        compile: bool = False,
+        user_features: dict | None = None,
+        train_metrics: bool = False,
+    ) -> None:
+        super().__init__()
+        cat = coerce_catalogue(catalogue) if catalogue is not None else default_catalogue()
+        enc = module_from_config(encoder, ViTEncoder, "encoder") or ViTEncoder(
+            "vit_tiny_patch16_224", img_size=(160, 256)
+        )
+        qp = module_from_config(queries, TaskQueryProvider, "queries") or LearnedQueries()
+        dec = module_from_config(decoder, TaskDecoder, "decoder") or TaskDecoder(dim=192)
+        itp = module_from_config(interpreter, TaskGuidedInterpreter, "interpreter") or TaskGuidedInterpreter()
+        enc_cfg = module_config(enc)
+        # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file
+        enc_cfg["init_args"]["init_from"] = None
+        # hparams are plain data (no pickled modules), whether the CLI or Python code built this module
+        self.save_hyperparameters(
+            {
+                "catalogue": cat.to_dict(),
+                "encoder": enc_cfg,
+                "queries": module_config(qp),
+                "decoder": module_config(dec),
+                "interpreter": module_config(itp),
+                "task_options": _plain(task_options),
+                "task_weights": _plain(task_weights),
+                "balancing": balancing,
+                "balancing_options": _plain(balancing_options),
+                "gate_loss_weight": gate_loss_weight,
+                "lr": lr,
+                "encoder_lr_scale": encoder_lr_scale,
+                "layer_decay": layer_decay,
+                "weight_decay": weight_decay,
+                "warmup_steps": warmup_steps,
+                "min_lr_ratio": min_lr_ratio,
+                "fused_adamw": fused_adamw,
+                "compile": compile,
+                "user_features": _plain(user_features),
+                "train_metrics": train_metrics,
+            }
+        )
+        self.catalogue: TaskCatalogue = cat
+        self.user_features = user_features
+        self.model = UnifiedModel(cat, enc, qp, dec, itp, task_options)
+        self.task_types: dict[str, TaskType] = self.model.task_types
+        self.task_names = list(cat.names)
+        self.balancer = create_balancer(
+            balancing, self.task_names, task_weights, **dict(balancing_options or {})
+        )
+        self.metric_stages = STAGES if train_metrics else ("val", "test")
+        self.metrics = nn.ModuleDict(
+            {
+                module_key(stage): nn.ModuleDict(
+                    {module_key(t): tt.build_metrics() for t, tt in self.task_types.items()}
+                )
+                for stage in self.metric_stages
+            }
+        )
+        self.loss_meters = nn.ModuleDict(
+            {
+                module_key(s): nn.ModuleDict({module_key(t): MaskedMean() for t in self.task_names})
+                for s in STAGES
+            }
+        )
+        self._compiled = False
+
+    # ------------------------------------------------------------------ model
+    def forward(
+        self,
+        images: Tensor,
+        tasks: list[str] | None = None,
+        batch: dict | None = None,
+        route: Route = "known",
+    ) -> dict[str, Any]:
+        """images: [B, 3, H, W] -> see :meth:`UnifiedModel.forward`."""
+        return self.model(images, tasks=tasks, batch=batch, route=route)
+
+    def configure_model(self) -> None:
+        if self.hparams.get("compile") and not self._compiled:
+            self.model.compile()
+            self._compiled = True
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        images = batch["image"]
+        b = images.shape[0]
+        out = self.model(images, batch=batch, route="known")
+        present: Tensor = batch["present"].to(images.device).bool()  # [B, T]
+        losses = []
+        for i, task in enumerate(self.task_names):
+            tt = self.task_types[task]
+            loss = tt.loss(out["outputs"][task], batch["targets"][task], present[:, i])
+            losses.append(loss.float().reshape(()))
+            self.loss_meters[module_key(stage)][module_key(task)].update(loss, present[:, i].sum())
+        loss_vec = torch.stack(losses)  # [T]
+        task_present = present.any(dim=0)  # [T]
+        total, weights = self.balancer(loss_vec, task_present)
+        gate_loss = self.model.interpreter.gate_loss(out["gate_logits"])
+        loss = total + self.hparams.gate_loss_weight * gate_loss
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=b, sync_dist=True
+        )
+        self.log(f"{stage}/gate_loss", gate_loss, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
+        self.log(
+            f"{stage}/gate_accuracy",
+            self.model.interpreter.gate_accuracy(out["gate_logits"]),
+            on_step=False,
+            on_epoch=True,
+            batch_size=b,
+            sync_dist=True,
+        )
+        if stage == "train" and self.hparams.balancing != "fixed":
+            for i, task in enumerate(self.task_names):
+                self.log(f"train/{task}/weight", weights[i], on_step=False, on_epoch=True, batch_size=b)
+        if stage in self.metric_stages:
+            for i, task in enumerate(self.task_names):
+                self.task_types[task].update_metrics(
+                    self.metrics[module_key(stage)][module_key(task)],
+                    out["outputs"][task],
+                    batch["targets"][task],
+                    present[:, i],
+                )
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
+        """Per sample: ``{"id", "doc_type", "outputs": {task: postprocessed}, "withheld": {task: gate's pick}}``
+        over the sample's applying tasks (``batch["applies"]``, all tasks without it). A task whose gate opened
+        a group without its unit is listed under ``withheld`` with the type the gate picked."""
+        images = batch["image"]
+        b = images.shape[0]
+        out = self.model(images, batch=batch, route="guided")
+        applies = batch.get("applies")
+        applies = (
+            torch.ones(b, len(self.task_names), dtype=torch.bool) if applies is None else applies.bool().cpu()
+        )
+        ids = batch.get("ids") or [str(i) for i in range(b)]
+        doc_types = batch.get("doc_type") or [None] * b
+        types = self.model.interpreter.type_names
+        post: dict[str, list[dict[str, Any]]] = {}
+        routed: dict[str, Tensor] = {}
+        picks: dict[str, Tensor] = {}
+        for i, task in enumerate(self.task_names):
+            if applies[:, i].any():
+                post[task] = self.task_types[task].postprocess(out["outputs"][task])
+                routed[task] = out["routed"][task].cpu()
+                picks[task] = out["gate_logits"][task].argmax(-1).cpu()
+        results = []
+        for j in range(b):
+            r: dict[str, Any] = {"id": ids[j], "doc_type": doc_types[j], "outputs": {}, "withheld": {}}
+            for i, task in enumerate(self.task_names):
+                if not applies[j, i]:
+                    continue
+                if routed[task][j]:
+                    r["outputs"][task] = post[task][j]
+                else:
+                    r["withheld"][task] = types[int(picks[task][j])]
+            results.append(r)
+        return results
+
+    # ------------------------------------------------------------------ epoch ends
+    def _epoch_end(self, stage: str) -> None:
+        for task in self.task_names:
+            meter = self.loss_meters[module_key(stage)][module_key(task)]
+            # compute on every rank (it syncs); NaN where no sample of the stage had the task's label
+            value = meter.compute().float()
+            meter.reset()
+            if torch.isfinite(value):
+                self.log(f"{stage}/{task}/loss", value)
+        if stage not in self.metric_stages:
+            return
+        scores = []
+        for task, tt in self.task_types.items():
+            mc = self.metrics[module_key(stage)][module_key(task)]
+            values = _compute(tt, mc)
+            mc.reset()
+            for key, value in values.items():
+                self.log(f"{stage}/{task}/{key}", value)
+            if tt.primary_metric in values:
+                scores.append(score_of(tt, float(values[tt.primary_metric])))
+        if scores:
+            self.log(f"{stage}/score", float(sum(scores) / len(scores)))
+
+    def on_train_epoch_end(self) -> None:
+        self.balancer.epoch_end()
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = build_param_groups(
+            self, self.model.encoder.vit, hp.lr, hp.weight_decay, hp.encoder_lr_scale, hp.layer_decay
+        )
+        opt = make_adamw(groups, hp.lr, hp.fused_adamw)
+        total = float("inf")
+        if self._trainer is not None:
+            total = float(self.trainer.estimated_stepping_batches)
+        warmup = resolve_warmup(float(hp.warmup_steps), total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def _plain(value: Any) -> Any:
+    """Mappings to dicts (jsonargparse Namespaces and AttributeDicts pickle as classes, which weights_only refuses)."""
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _compute(tt: TaskType, mc: Any) -> dict[str, Tensor]:
+    fn = getattr(tt, "compute_metrics", None)
+    if callable(fn):
+        return dict(fn(mc))
+    if all(getattr(m, "update_count", 1) == 0 for m in mc.values()):
+        return {}
+    return {k: v for k, v in mc.compute().items() if isinstance(v, Tensor) and v.numel() == 1}
+
+
+def load_unified(
+    ckpt_path: str | Path,
+    map_location: str | torch.device = "cpu",
+    catalogue: TaskCatalogue | Mapping[str, Any] | str | Path | None = None,
+) -> UnifiedModule:
+    """Rebuild a ``UnifiedModule`` from a checkpoint loaded with ``weights_only=True`` (no code from the file).
+
+    With ``catalogue``, a checkpoint trained on a different catalogue (task names, types, classes) is refused
+    with a ``ConfigError`` listing the differing tasks.
+    """
+    from idrecog.utils.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path, map_location=map_location)
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    if "state_dict" not in ckpt or "catalogue" not in hp:
+        raise ConfigError(
+            f"{ckpt_path}: not a unified-model checkpoint (no state_dict or no catalogue in its hparams)"
+        )
+    stored = TaskCatalogue.from_dict(_plain(hp["catalogue"]), source=str(ckpt_path))
+    if catalogue is not None:
+        given = coerce_catalogue(catalogue)
+        diff = stored.diff(given)
+        if diff:
+            raise ConfigError(
+                f"{ckpt_path}: the checkpoint's task catalogue differs from {given.source}: "
+                + "; ".join(diff)
+            )
+    names = set(inspect.signature(UnifiedModule.__init__).parameters) - {"self"}
+    kwargs = {k: _plain(v) if isinstance(v, Mapping) else v for k, v in hp.items() if k in names}
+    module = UnifiedModule(**kwargs)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    return module.to(map_location).eval()
+
+
+def format_metrics_table(
+    metrics: Mapping[str, float | Tensor], catalogue: TaskCatalogue | Mapping[str, Any] | None = None
+) -> str:
+    """A per-stage, per-task table of ``{stage}/{task}/{metric}`` values (task, type, primary, all metrics),
+    headed by the stage's score, gate accuracy and loss. Tasks in catalogue order; without a catalogue, in
+    key order with unknown types."""
+    cat = (
+        coerce_catalogue(catalogue)
+        if catalogue is not None and not isinstance(catalogue, TaskCatalogue)
+        else catalogue
+    )
+    vals = {k: float(v) for k, v in metrics.items()}
+    stages = [s for s in ("train", "val", "test") if any(k.startswith(f"{s}/") for k in vals)]
+    lines: list[str] = []
+    for stage in stages:
+        per_task: dict[str, dict[str, float]] = {}
+        for key, v in vals.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == stage:
+                per_task.setdefault(parts[1], {})[parts[2]] = v
+        head = [
+            f"{k}={vals[f'{stage}/{k}']:.4f}"
+            for k in ("score", "gate_accuracy", "loss")
+            if f"{stage}/{k}" in vals
+        ]
+        lines.append(f"[{stage}] " + "  ".join(head))
+        order = [t for t in cat.names if t in per_task] if cat is not None else []
+        order += [t for t in per_task if t not in order]
+        rows = [("task", "type", "primary", "metrics")]
+        for task in order:
+            ttype, primary = "-", ""
+            if cat is not None and task in cat:
+                ttype = cat[task].type
+                try:
+                    pm = get_task_type_class(ttype).primary_metric
+                    if pm in per_task[task]:
+                        primary = f"{pm}={per_task[task][pm]:.4f}"
+                except ConfigError:
+                    pass
+            rest = "  ".join(f"{k}={v:.4f}" for k, v in sorted(per_task[task].items()))
+            rows.append((task, ttype, primary, rest))
+        widths = [max(len(r[c]) for r in rows) for c in range(3)]
+        for r in rows:
+            lines.append("  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3])
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n" if lines else "(no metrics)\n"

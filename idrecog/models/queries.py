@@ -1,0 +1,117 @@
+"""Task query providers: the query tokens each task owns in the task decoder.
+
+A provider is built once by the model (``build``), which tells it how many tokens each task owns, and then
+returns the tokens of the requested tasks, concatenated in the requested order:
+``forward(tasks, batch_size, batch) -> [B, sum(Q_t), dim]``. The batch is passed through so that providers
+which condition on text, associated frames (``batch["assoc"]``) or user features (``batch["user"]``) fit the
+same interface.
+
+Providers live in a small table (timm style)::
+
+    @register_query_provider("mine")
+    class MyQueries(TaskQueryProvider): ...
+
+    create_query_provider("learned")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from idrecog.data.catalogue import TaskCatalogue
+from idrecog.errors import ConfigError
+
+__all__ = [
+    "LearnedQueries",
+    "TaskQueryProvider",
+    "create_query_provider",
+    "list_query_providers",
+    "module_key",
+    "register_query_provider",
+]
+
+_PROVIDERS: dict[str, type[TaskQueryProvider]] = {}
+P = TypeVar("P", bound="type[TaskQueryProvider]")
+
+
+def module_key(name: str) -> str:
+    """A task name usable as a ``ModuleDict``/``ParameterDict`` key (``train``, ``type``... clash with methods)."""
+    return f"{name}_" if hasattr(nn.ModuleDict, name) or hasattr(nn.ParameterDict, name) else name
+
+
+class TaskQueryProvider(nn.Module):
+    """Interface. Subclasses implement ``build`` and ``forward``; ``init_args`` lets checkpoints rebuild them."""
+
+    init_args: dict[str, Any]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init_args = {}
+        self.query_counts: dict[str, int] = {}
+        self.dim = 0
+
+    def build(self, catalogue: TaskCatalogue, query_counts: dict[str, int], dim: int) -> None:
+        """Create the parameters. ``query_counts``: task -> number of query tokens; ``dim``: token width."""
+        raise NotImplementedError
+
+    def forward(self, tasks: list[str], batch_size: int, batch: dict[str, Any] | None = None) -> Tensor:
+        """-> [B, sum(query_counts[t] for t in tasks), dim], the tasks' tokens in the given order."""
+        raise NotImplementedError
+
+
+def register_query_provider(name: str) -> Callable[[P], P]:
+    """Class decorator: add a provider to the table under ``name``."""
+
+    def deco(cls: P) -> P:
+        existing = _PROVIDERS.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ConfigError(f"query provider {name!r} is already registered by {existing.__qualname__}")
+        _PROVIDERS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_query_providers() -> list[str]:
+    return sorted(_PROVIDERS)
+
+
+def create_query_provider(name: str, **kwargs: Any) -> TaskQueryProvider:
+    if name not in _PROVIDERS:
+        raise ConfigError(f"unknown query provider {name!r}; registered: {', '.join(list_query_providers())}")
+    return _PROVIDERS[name](**kwargs)
+
+
+@register_query_provider("learned")
+class LearnedQueries(TaskQueryProvider):
+    """One learned embedding per query token of each task (DETR / Q-Former style), init normal(0, std).
+
+    Args:
+        std: standard deviation of the initial embeddings.
+    """
+
+    def __init__(self, std: float = 0.02) -> None:
+        super().__init__()
+        self.init_args = {"std": std}
+        self.std = std
+        self.embeds = nn.ParameterDict()
+
+    def build(self, catalogue: TaskCatalogue, query_counts: dict[str, int], dim: int) -> None:
+        self.query_counts, self.dim = dict(query_counts), dim
+        for task in catalogue.names:
+            n = int(query_counts[task])
+            if n < 1:
+                raise ConfigError(f"task {task!r} must own at least one query token, got {n}")
+            self.embeds[module_key(task)] = nn.Parameter(torch.randn(n, dim) * self.std)
+
+    def forward(self, tasks: list[str], batch_size: int, batch: dict[str, Any] | None = None) -> Tensor:
+        q = torch.cat([self.embeds[module_key(t)] for t in tasks], dim=0)
+        return q.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def no_weight_decay(self) -> set[str]:
+        """Token embeddings are not weight-decayed (timm convention: names relative to this module)."""
+        return {f"embeds.{k}" for k in self.embeds}
