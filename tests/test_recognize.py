@@ -168,7 +168,7 @@ def test_recognize_command_errors_are_one_line(setup, capsys):
 
 
 def test_prediction_writer_writes_the_same_objects(setup):
-    root, data, module, ckpt = setup
+    root, data, module, _ = setup
     out_dir = root / "pred"
     writer = JsonlPredictionWriter(str(out_dir), write_overlays=True, rules=str(default_rules_path()))
     dm = IdDataModule(root=str(data), img_size=TINY_SIZE, batch_size=4, predict_split="test", augment=False)
@@ -184,7 +184,7 @@ def test_prediction_writer_writes_the_same_objects(setup):
     lines = [json.loads(x) for x in (out_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 6
     rec = Recognizer(module, rules=default_rules_path(), out_dir=root / "rec_out")
-    reqs, samples = _requests(data)
+    reqs, _ = _requests(data)
     by_id = {r["id"]: r for r in rec.recognize(reqs)}
     for x in lines:
         assert Path(x["overlay"]).is_file()
