@@ -270,3 +270,27 @@ def test_load_unified_refuses_a_different_catalogue(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_unified(path, catalogue=other)
     assert "'a'" in str(e.value) and "'b'" in str(e.value) and "'c'" not in str(e.value)
+
+
+def test_default_catalogue_builtins_partial_labels_step() -> None:
+    from idrecog.data.catalogue import default_catalogue
+    from idrecog.testing import make_random_batch
+
+    cat = default_catalogue()
+    torch.manual_seed(0)
+    m = UnifiedModule(catalogue=cat.to_dict(), **tiny_parts(), task_options={"detection": {"num_queries": 4}})
+    batch = make_random_batch(cat, 2, IMG, present_prob=1.0)
+    t = cat.index("fields")
+    batch["present"][:, t] = False
+    batch["targets"]["fields"] = [None, None]
+    loss = m._shared_step(batch, "train")
+    assert torch.isfinite(loss)
+    loss.backward()
+    head = m.model.interpreter.head("fields")
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in head.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in m.model.interpreter.head("card_mask").parameters()
+    )
+    res = m.eval().predict_step(batch, 0)
+    assert len(res) == 2 and set(res[0]["outputs"]) | set(res[0]["withheld"]) == set(cat.names)
