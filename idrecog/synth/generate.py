@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from idrecog.data.catalogue import TaskCatalogue, default_catalogue
 from idrecog.errors import ConfigError
 from idrecog.synth.document import Document, hologram_layer, render_document
 from idrecog.synth.scene import (
@@ -60,8 +59,15 @@ class Rendered:
 
 
 @lru_cache(maxsize=1)
-def _catalogue() -> TaskCatalogue:
-    return default_catalogue()
+def _applicable_tasks() -> dict[str, list[str]]:
+    # read the YAML directly: default_catalogue() validates through the task registry, which imports torch,
+    # and render workers should not pay for that
+    from importlib.resources import files
+
+    import yaml
+
+    text = files("idrecog").joinpath("configs/synthetic_tasks.yaml").read_text()
+    return {k: list(v) for k, v in yaml.safe_load(text)["doc_types"].items()}
 
 
 def sample_id(split: str, index: int) -> str:
@@ -88,18 +94,21 @@ def _streams(seed: int, split: str, index: int) -> list[np.random.Generator]:
 def _composite(
     doc: Document, holo: dict[str, float] | None, h: np.ndarray, bg: np.ndarray, size: tuple[int, int]
 ) -> np.ndarray:
-    """Warp the document (with the hologram drawn as ``holo`` says) over the background: [H, W, 3] float."""
-    img = doc.image
+    """Warp the document (with the hologram drawn as ``holo`` says) over the background: [H, W, 3] float32."""
+    base = doc.info.get("_rgba")
+    if base is None:
+        # premultiplied alpha, so the bilinear edge blends with the background instead of with black
+        rgba = doc.image.convert("RGBA")
+        rgba.putalpha(doc.template.alpha)
+        base = doc.info["_rgba"] = rgba.convert("RGBa")
+    img = base
     if doc.hologram is not None and holo is not None:
-        img = img.copy()
+        img = base.copy()
         x0, y0, x1, y1 = (round(v) for v in doc.hologram["box"])
         patch, pmask = hologram_layer(doc.hologram, (x1 - x0, y1 - y0), **holo)
-        img.paste(patch, (x0, y0), pmask)
-    rgba = img.convert("RGBA")
-    rgba.putalpha(doc.template.alpha)
-    # premultiplied alpha, so the bilinear edge blends with the background instead of with black
-    w = np.asarray(warp(rgba.convert("RGBa"), h, size, Image.Resampling.BILINEAR), np.float32)
-    a = w[..., 3:4] / 255.0
+        img.paste(patch.convert("RGBa"), (x0, y0), pmask)  # inside the card: alpha 255, so RGBa == RGBA
+    w = np.asarray(warp(img, h, size, Image.Resampling.BILINEAR), np.float32)
+    a = w[..., 3:4] * np.float32(1 / 255)
     return bg * (1 - a) + w[..., :3]
 
 
@@ -201,7 +210,7 @@ def _render(
         labels["hologram"] = holo_class if determinable and not hidden else None
     if style.states_nationality:
         labels["nationality_match"] = nat_match if determinable else None
-    applies = _catalogue().tasks_for(doc_type)
+    applies = _applicable_tasks()[doc_type]
     labels = {k: v for k, v in labels.items() if k in applies}
 
     frames: dict[str, Any] = {}
@@ -244,7 +253,7 @@ def render_sample(seed: int, split: str, index: int, height: int = 160, width: i
 
     Returns {"id", "image": PIL RGB [height x width] (decoded from the written JPEG), "frames": {"flash": PIL,
     "angles": [PIL, ...]} or {}, "labels": complete labels, "mask": PIL L of card_mask classes, "doc_type",
-    "user", "capture": degradation parameters}.
+    "user", "capture": degradation parameters, "mrz": MRZ lines or None}.
     """
     r, _ = _render(seed, split, index, height, width)
 
@@ -264,7 +273,13 @@ def render_sample(seed: int, split: str, index: int, height: int = 160, width: i
         "doc_type": r.doc_type,
         "user": r.user,
         "capture": r.extra["capture"],
+        "mrz": r.extra["mrz"],
     }
+
+
+def doc_type_of(seed: int, split: str, index: int) -> str:
+    """The document type of a sample without rendering it (the first draw of its render stream)."""
+    return DOC_TYPES[int(_streams(seed, split, index)[0].integers(len(DOC_TYPES)))]
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -352,6 +367,8 @@ def generate_dataset(
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
+        from idrecog.data.catalogue import default_catalogue
+
         default_catalogue().to_yaml(tmp / "tasks.yaml")
         counts = {"train": train, "val": val, "test": test}
         for split in counts:

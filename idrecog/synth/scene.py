@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from scipy import ndimage
 
 from idrecog.synth.templates import Box
 
@@ -110,10 +109,11 @@ def background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     kind = int(rng.integers(3))
     base = rng.uniform(40, 220, 3)
     y, x = np.mgrid[0:H, 0:W].astype(np.float32)
+    base = base.astype(np.float32)
     if kind == 0:  # smooth noise texture
-        lo = rng.normal(0, 1, (H // 8 + 2, W // 8 + 2, 1)).astype(np.float32)
-        tex = ndimage.zoom(lo, (8, 8, 1), order=1)[:H, :W]
-        img = base + tex * rng.uniform(8, 30)
+        lo = rng.uniform(0, 255, (H // 8 + 2, W // 8 + 2)).astype(np.uint8)
+        tex = np.asarray(Image.fromarray(lo).resize((W, H), Image.Resampling.BICUBIC), np.float32)[..., None]
+        img = base + (tex - 128) * np.float32(rng.uniform(0.06, 0.2))
     elif kind == 1:  # wood: warped stripes
         a = rng.uniform(0, np.pi)
         t = x * np.cos(a) + y * np.sin(a)
@@ -126,8 +126,8 @@ def background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
         a = rng.uniform(0, 2 * np.pi)
         t = ((x * np.cos(a) + y * np.sin(a)) / np.hypot(W, H) + 0.5)[..., None]
         img = base * (1 - t) + c2 * t
-    img = img + rng.normal(0, 4, (H, W, 3))
-    return np.clip(img, 0, 255).astype(np.float32)
+    img = img + rng.standard_normal((H, W, 3), dtype=np.float32) * 4
+    return np.clip(img, 0, 255, dtype=np.float32)
 
 
 def hand_mask(rng: np.random.Generator, corners: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -215,34 +215,39 @@ def sample_capture(rng: np.random.Generator, corners: np.ndarray) -> Capture:
     )
 
 
-def _motion_kernel(length: int, angle: float) -> np.ndarray:
-    k = np.zeros((length, length), np.float32)
-    c = (length - 1) / 2
-    for t in np.linspace(-c, c, 2 * length):
-        k[round(c + t * np.sin(angle)), round(c + t * np.cos(angle))] = 1
-    return k / k.sum()
+def _motion_blur(img: np.ndarray, length: int, angle: float) -> np.ndarray:
+    """Average of ``length`` copies shifted along the motion direction (edges replicated)."""
+    H, W = img.shape[:2]
+    pad = length
+    p = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    acc = np.zeros_like(img)
+    for t in np.linspace(-(length - 1) / 2, (length - 1) / 2, length):
+        dx, dy = round(t * np.cos(angle)), round(t * np.sin(angle))
+        acc += p[pad + dy : pad + dy + H, pad + dx : pad + dx + W]
+    return acc * np.float32(1 / length)
 
 
 def degrade(img: np.ndarray, cap: Capture, rng: np.random.Generator, *, flash: float = 0.0) -> bytes:
     """Apply ``cap`` to an [H, W, 3] float image and return the JPEG bytes. ``flash`` brightens (flash frame)."""
     H, W = img.shape[:2]
-    out = img * cap.light
+    out = img * np.float32(cap.light)
     if flash > 0:  # an on-camera flash lights the whole scene and leaves a soft hot spot in the middle
-        y, x = np.mgrid[0:H, 0:W].astype(np.float32)
-        g = np.exp(-((x - W / 2) ** 2 + (y - H / 2) ** 2) / (2 * (0.35 * W) ** 2))[..., None]
-        out = out * (1 + 0.35 * flash) + 60 * flash * g
+        y, x = np.ogrid[0:H, 0:W]
+        g = np.exp(-((x - W / 2) ** 2 + (y - H / 2) ** 2) / (2 * (0.35 * W) ** 2)).astype(np.float32)
+        out = out * np.float32(1 + 0.35 * flash) + np.float32(60 * flash) * g[..., None]
     if cap.glare > 0:
         y, x = np.ogrid[0:H, 0:W]
         g = np.exp(-((x - cap.glare_at[0]) ** 2 + (y - cap.glare_at[1]) ** 2) / (2 * cap.glare_r**2))
-        out = out + 255 * cap.glare * g[..., None]
-    out = np.clip(out, 0, 255)
+        out = out + (255 * cap.glare * g[..., None]).astype(np.float32)
     if cap.defocus > 0.3:
-        out = ndimage.gaussian_filter(out, sigma=(cap.defocus, cap.defocus, 0), truncate=2.5)
+        pil = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).filter(
+            ImageFilter.GaussianBlur(cap.defocus)
+        )
+        out = np.asarray(pil, np.float32)
     if cap.motion > 1:
-        k = _motion_kernel(cap.motion, cap.motion_angle)
-        out = ndimage.correlate(out, k[..., None], mode="nearest")
+        out = _motion_blur(out, cap.motion, cap.motion_angle)
     if cap.noise > 0:
-        out = out + rng.normal(0, cap.noise, out.shape)
+        out = out + rng.standard_normal(out.shape, dtype=np.float32) * np.float32(cap.noise)
     pil = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     pil.save(buf, format="JPEG", quality=cap.jpeg)
