@@ -102,7 +102,9 @@ def build_transforms(
                 degrees=4, translate=(0.04, 0.04), scale=(0.92, 1.06), shear=(-3, 3, -3, 3), fill=fill
             ),
             v2.RandomPerspective(distortion_scale=0.12, p=0.3, fill=fill),
-            v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.2, hue=0.02),
+            # no hue jitter: the RGB<->HSV round trip was ~30% of the item time, and hue carries signal
+            # (hologram colour shift, document colours)
+            v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.2),
         ]
     ops.append(SanitizeTaskBoxes())
     ops.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))

@@ -1,0 +1,98 @@
+"""IdDataModule: configuration errors, loaders per stage, user encoder, masked-frame report in a real Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from idrecog.data.catalogue import default_catalogue
+from idrecog.data.datamodule import IdDataModule, MaskedLabelReport
+from idrecog.errors import ConfigError
+
+
+def _dm(root: Path, **kw) -> IdDataModule:
+    return IdDataModule(root=str(root), img_size=(64, 96), batch_size=4, **kw)
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.img_size"):
+        IdDataModule(root=str(tmp_path), img_size=(60, 96), patch_size=16)
+    with pytest.raises(ConfigError, match=r"data\.on_error"):
+        IdDataModule(root=str(tmp_path), on_error="ignore")
+    dm = IdDataModule(root=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"data\.root.*does not exist"):
+        _ = dm.catalogue
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        dm.prepare_data()
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        dm.setup("fit")
+    # before the data exists, synthesize_if_missing gives the default catalogue (to build the model)
+    dm = IdDataModule(root=str(tmp_path / "nope"), synthesize_if_missing=True)
+    assert dm.catalogue.names == default_catalogue().names
+    with pytest.raises(ConfigError, match=r"data\.task_resolver"):
+        _ = _dm(tmp_path / "nope", synthesize_if_missing=True, task_resolver="nope").resolver
+
+
+def test_loaders_per_stage(tiny_dataset: Path) -> None:
+    dm = _dm(tiny_dataset, limit_train_samples=8, seed=3)
+    assert dm.catalogue.source.endswith("tasks.yaml")
+    dm.prepare_data()  # data present: nothing to do
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 8 and len(dm.datasets["val"]) == 6
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 64, 96) and batch["present"].shape == (4, len(dm.catalogue))
+    assert set(batch["targets"]) == set(dm.catalogue.names)
+    vb = next(iter(dm.val_dataloader()))
+    assert vb["ids"] == ["val_000", "val_001", "val_002", "val_003"]  # no shuffle outside training
+    assert dm.user_encoder.n_attr == 2 and dm.datasets["val"].user_encoder is dm.user_encoder
+    # the same seed picks the same subset
+    dm2 = _dm(tiny_dataset, limit_train_samples=8, seed=3)
+    dm2.setup("fit")
+    assert [s.id for s in dm2.datasets["train"].samples] == [s.id for s in dm.datasets["train"].samples]
+    # predict reads the test split by default, or the one asked for
+    ids = [i for b in dm.predict_dataloader() for i in b["ids"]]
+    assert ids == [f"test_{i:03d}" for i in range(6)]
+    dm3 = _dm(tiny_dataset, predict_split="val")
+    assert next(iter(dm3.predict_dataloader()))["ids"][0] == "val_000"
+    # a stored encoder state replaces the fitted one
+    dm3.user_encoder = dm.user_encoder.state_dict()
+    assert dm3.user_encoder == dm.user_encoder
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.lin(batch["image"].mean((2, 3))).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_masked_frames_reported_at_epoch_end(tiny_dataset: Path) -> None:
+    dm = _dm(tiny_dataset, augment=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(_Tiny(), datamodule=dm)
+    reports = [c for c in trainer.callbacks if isinstance(c, MaskedLabelReport)]
+    assert len(reports) == 1
+    # train line 8 has a hologram label but no frames; the val split lacks none
+    assert reports[0].last["train"] == {"hologram": 1}
+    assert reports[0].last["val"] == {"hologram": 0}
+    assert trainer.callback_metrics["data/train_frames_missing/hologram"] == 1
