@@ -104,6 +104,20 @@ def test_no_targets_and_absent_samples_match_nothing() -> None:
     assert all(q.dtype == torch.long and t.dtype == torch.long for q, t in out)
 
 
+def test_batched_matching_equals_per_sample_matching() -> None:
+    # the batch shares one cost matrix; each sample must still be matched only against its own targets
+    gen = torch.Generator().manual_seed(3)
+    cases = [_random_case(gen, 4, n) for n in (3, 0, 4, 1)]
+    logits = torch.cat([c[0] for c in cases])
+    boxes = torch.cat([c[1] for c in cases])
+    targets = [c[2] for c in cases]
+    targets[1] = None
+    batched = HungarianMatcher()(logits, boxes, targets)
+    for i, t in enumerate(targets):
+        ((q, ti),) = HungarianMatcher()(logits[i : i + 1], boxes[i : i + 1], [t])
+        assert torch.equal(batched[i][0], q) and torch.equal(batched[i][1], ti)
+
+
 def test_rejects_mismatched_batch_and_all_zero_costs() -> None:
     with pytest.raises(ValueError, match="targets"):
         HungarianMatcher()(torch.randn(2, 3, 3), torch.rand(2, 3, 4), [None])

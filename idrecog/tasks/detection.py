@@ -56,9 +56,9 @@ class DetectionHead(nn.Module):
 
 
 def _scale(image_size: Tensor) -> Tensor:
-    """image_size: [2] (H, W) -> [4] (W, H, W, H) float, the divisor of xyxy pixel boxes."""
+    """image_size: [..., 2] (H, W) -> [..., 4] (W, H, W, H) float, the divisor of xyxy pixel boxes."""
     h, w = image_size.float().unbind(-1)
-    return torch.stack([w, h, w, h])
+    return torch.stack([w, h, w, h], -1)
 
 
 @register_task_type
@@ -137,40 +137,52 @@ class Detection(TaskType):
         return DetectionHead(dim, self.spec.num_classes)
 
     def _normalised_targets(
-        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor] | None], idx: Tensor
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor] | None], idx: list[int]
     ) -> list[dict[str, Tensor]]:
+        """Targets of the present samples as normalised cxcywh on the outputs' device (one copy per field)."""
         device = outputs["boxes"].device
-        out = []
-        for i in idx.tolist():
-            t = targets[i]
-            assert t is not None, "a present detection sample has no target"
-            boxes = t["boxes"].to(device).float() / _scale(outputs["image_size"][i]).to(device)
-            out.append({"labels": t["labels"].to(device), "boxes": box_convert(boxes, "xyxy", "cxcywh")})
-        return out
+        picked = [targets[i] for i in idx]
+        if any(t is None for t in picked):
+            raise ValueError(f"task {self.name!r}: a present detection sample has no target")
+        sizes = [len(t["labels"]) for t in picked]  # type: ignore[index]
+        boxes = torch.cat([t["boxes"].float().reshape(-1, 4) for t in picked]).to(device)  # type: ignore[index]
+        labels = torch.cat([t["labels"].reshape(-1) for t in picked]).to(device)  # type: ignore[index]
+        repeats = torch.tensor(sizes, device=device)
+        scale = (
+            _scale(outputs["image_size"][idx])
+            .to(device)
+            .repeat_interleave(repeats, 0, output_size=sum(sizes))
+        )
+        boxes = box_convert(boxes / scale, "xyxy", "cxcywh")
+        return [
+            {"labels": lb, "boxes": bx}
+            for lb, bx in zip(labels.split(sizes), boxes.split(sizes), strict=True)
+        ]
 
     def loss(
         self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor] | None], present: Tensor
     ) -> Tensor:
-        idx = self.present_index(present)
-        if idx.numel() == 0:
+        idx = self.present_index(present).tolist()
+        if not idx:
             return self.zero_loss(outputs)
         logits = outputs["logits"][idx].float()
         boxes = outputs["boxes"][idx].float()
         tgts = self._normalised_targets(outputs, targets, idx)
         matches = self.matcher(logits, boxes, tgts)
 
+        # gather every matched (sample, query) / target pair at once
         num_classes = self.spec.num_classes
+        sample = torch.cat([torch.full_like(q, j) for j, (q, _) in enumerate(matches)])
+        query = torch.cat([q for q, _ in matches])
+        tgt_labels = torch.cat([t["labels"][ti] for t, (_, ti) in zip(tgts, matches, strict=True)])
+        tgt = torch.cat([t["boxes"][ti] for t, (_, ti) in zip(tgts, matches, strict=True)])
         tgt_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
-        src_boxes, tgt_boxes = [], []
-        for j, ((qi, ti), t) in enumerate(zip(matches, tgts, strict=True)):
-            tgt_classes[j, qi] = t["labels"][ti]
-            src_boxes.append(boxes[j, qi])
-            tgt_boxes.append(t["boxes"][ti])
+        tgt_classes[sample, query] = tgt_labels
         weight = torch.ones(num_classes + 1, device=logits.device)
         weight[num_classes] = float(self.options.get("eos_coef", 0.1))
         loss_class = F.cross_entropy(logits.flatten(0, 1), tgt_classes.flatten(), weight=weight)
 
-        src, tgt = torch.cat(src_boxes), torch.cat(tgt_boxes)
+        src = boxes[sample, query]
         # DETR: box terms summed over matched pairs, divided by the number of target boxes
         num_boxes = max(sum(len(t["labels"]) for t in tgts), 1)
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
@@ -192,14 +204,12 @@ class Detection(TaskType):
         """Every query as a scored pixel-xyxy box of its best real class (what COCO mAP expects)."""
         probs = outputs["logits"].detach().float().softmax(-1)[..., :-1]
         scores, labels = probs.max(-1)
-        preds = []
-        for i in range(probs.shape[0]):
-            h, w = outputs["image_size"][i].tolist()
-            xyxy = box_convert(outputs["boxes"][i].detach().float(), "cxcywh", "xyxy")
-            xyxy = (xyxy * _scale(outputs["image_size"][i]).to(xyxy.device)).clamp(min=0)
-            xyxy = torch.minimum(xyxy, xyxy.new_tensor([w, h, w, h]))
-            preds.append({"boxes": xyxy, "scores": scores[i], "labels": labels[i]})
-        return preds
+        scale = _scale(outputs["image_size"]).to(probs.device)[:, None]  # [B, 1, 4]
+        xyxy = box_convert(outputs["boxes"].detach().float(), "cxcywh", "xyxy") * scale
+        xyxy = torch.minimum(xyxy.clamp(min=0), scale)
+        return [
+            {"boxes": b, "scores": s, "labels": lb} for b, s, lb in zip(xyxy, scores, labels, strict=True)
+        ]
 
     def update_metrics(
         self,

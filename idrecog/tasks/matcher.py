@@ -65,30 +65,41 @@ class HungarianMatcher(nn.Module):
         """
         if logits.shape[0] != len(targets):
             raise ValueError(f"{logits.shape[0]} predictions but {len(targets)} targets")
-        out: list[tuple[Tensor, Tensor]] = []
-        empty = torch.empty(0, dtype=torch.long, device=logits.device)
-        num_queries = logits.shape[1]
-        for i, t in enumerate(targets):
-            if t is None or t["labels"].numel() == 0:
-                out.append((empty, empty))
-                continue
-            n = t["labels"].numel()
-            if n > num_queries and not self._warned:
-                warnings.warn(
-                    f"{n} target objects but only {num_queries} queries: the assignment is truncated to "
-                    f"{num_queries}; raise the detection option num_queries",
-                    stacklevel=2,
-                )
-                self._warned = True
-            cost = self.cost_matrix(logits[i], boxes[i], t["labels"], t["boxes"]).cpu()
-            rows, cols = linear_sum_assignment(cost.numpy())
-            out.append(
-                (
-                    torch.as_tensor(rows, dtype=torch.long, device=logits.device),
-                    torch.as_tensor(cols, dtype=torch.long, device=logits.device),
-                )
+        bsz, num_queries = logits.shape[:2]
+        sizes = [0 if t is None else int(t["labels"].numel()) for t in targets]
+        if max(sizes, default=0) > num_queries and not self._warned:
+            warnings.warn(
+                f"{max(sizes)} target objects but only {num_queries} queries: the assignment is truncated to "
+                f"{num_queries}; raise the detection option num_queries",
+                stacklevel=2,
             )
-        return out
+            self._warned = True
+        rows: list[Tensor] = []
+        cols: list[Tensor] = []
+        if sum(sizes):
+            # one cost matrix for the whole batch, one device-to-host copy (not one per sample)
+            present = [t for t in targets if t is not None and t["labels"].numel()]
+            tgt_labels = torch.cat([t["labels"] for t in present]).to(logits.device)
+            tgt_boxes = torch.cat([t["boxes"] for t in present]).to(logits.device)
+            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels, tgt_boxes)
+            chunks = cost.view(bsz, num_queries, -1).cpu().split([n for n in sizes if n], dim=-1)
+        else:
+            chunks = ()
+        it = iter(chunks)
+        for n in sizes:
+            if n == 0:
+                r = c = torch.empty(0, dtype=torch.long)
+            else:
+                i = len(rows)
+                r_np, c_np = linear_sum_assignment(next(it)[i].numpy())
+                r, c = torch.as_tensor(r_np, dtype=torch.long), torch.as_tensor(c_np, dtype=torch.long)
+            rows.append(r)
+            cols.append(c)
+        # one host-to-device copy of all indices, split back into per-sample views
+        k = [len(r) for r in rows]
+        rows_d = torch.cat(rows).to(logits.device, non_blocking=True).split(k)
+        cols_d = torch.cat(cols).to(logits.device, non_blocking=True).split(k)
+        return list(zip(rows_d, cols_d, strict=True))
 
     def extra_repr(self) -> str:
         return f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}"
