@@ -26,6 +26,11 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 TRAIN_STAGES = ("fit", "train")
 
 
+def _labels_of(target: dict[str, Any]) -> torch.Tensor:
+    # a module-level function, not a lambda: transforms must pickle for spawn-started DataLoader workers
+    return target["labels"]
+
+
 class SanitizeTaskBoxes(v2.Transform):
     """``v2.SanitizeBoundingBoxes`` on every detection target nested in the sample dict.
 
@@ -37,7 +42,7 @@ class SanitizeTaskBoxes(v2.Transform):
     def __init__(self, min_size: float = 1.0, min_area: float = 1.0) -> None:
         super().__init__()
         self.sanitize = v2.SanitizeBoundingBoxes(
-            min_size=min_size, min_area=min_area, labels_getter=lambda d: d["labels"]
+            min_size=min_size, min_area=min_area, labels_getter=_labels_of
         )
 
     def forward(self, *inputs: Any) -> Any:
