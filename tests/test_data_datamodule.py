@@ -96,3 +96,18 @@ def test_masked_frames_reported_at_epoch_end(tiny_dataset: Path) -> None:
     assert reports[0].last["train"] == {"hologram": 1}
     assert reports[0].last["val"] == {"hologram": 0}
     assert trainer.callback_metrics["data/train_frames_missing/hologram"] == 1
+
+
+def test_prepare_data_synthesizes_a_dataset_that_passes_check(tmp_path: Path, capsys) -> None:
+    from idrecog.data.check import check_dataset
+
+    root = tmp_path / "synthetic"
+    synth = {"train": 3, "val": 2, "test": 2, "height": 64, "width": 96, "progress": False}
+    dm = _dm(root, synthesize_if_missing=True, synth=synth)
+    dm.prepare_data()
+    assert "generating the synthetic benchmark" in capsys.readouterr().out
+    assert (root / "tasks.yaml").is_file() and dm.catalogue.source == str(root / "tasks.yaml")
+    res = check_dataset(root)
+    assert res.ok, [str(p) for p in res.problems]
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["image"].shape[1:] == (3, 64, 96)
