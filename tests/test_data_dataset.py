@@ -163,3 +163,25 @@ def test_skip_resolver_drops_samples_without_doc_type(tiny_dataset: Path) -> Non
     ds = IdDataset(tiny_dataset, "val", resolver=DocTypeResolver(full.catalogue, missing="skip"))
     assert len(ds) == len(full) - 1 and ds.n_dropped == 1
     assert all(s.doc_type is not None for s in ds.samples)
+
+
+def test_cache_images_decodes_each_file_once(tiny_dataset: Path, monkeypatch) -> None:
+    import idrecog.data.dataset as dataset_mod
+
+    calls: list[Path] = []
+    orig = dataset_mod.read_rgb
+
+    def counting(path: Path):
+        calls.append(path)
+        return orig(path)
+
+    monkeypatch.setattr(dataset_mod, "read_rgb", counting)
+    ds = IdDataset(tiny_dataset, "train", cache_images=True)
+    first = ds[0]
+    n = len(calls)
+    assert n == 4  # image, flash, two angles
+    second = ds[0]
+    assert len(calls) == n
+    torch.testing.assert_close(first["image"], second["image"])
+    # the cached tensor is not modified in place by the transform
+    torch.testing.assert_close(ds[0]["image"], first["image"])
