@@ -227,3 +227,22 @@ def test_bad_data_config_is_a_one_line_error(tmp_path: Path) -> None:
         PretrainDataModule(source="folder")
     with pytest.raises(ConfigError, match="no images"):
         PretrainDataModule(source="folder", path=str(tmp_path)).setup()
+
+
+def test_public_timm_weights_start_pretraining(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # a stand-in for a downloaded timm checkpoint: square 224 grid, 2 blocks, no metadata
+    from safetensors.torch import save_file
+
+    public = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=10)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in public.state_dict().items()}, str(path))
+    enc = ViTEncoder(name="vit_tiny_patch16_224", img_size=IMG, depth=1, init_from=str(path))
+    out = capsys.readouterr().out
+    assert (
+        "(14, 14) to (2, 3)" in out and "blocks.1." in out
+    )  # resampled; the extra block reported as unexpected
+    assert torch.equal(enc.vit.blocks[0].mlp.fc1.weight, public.blocks[0].mlp.fc1.weight)
+    model = MAEPretrainModule(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    assert (
+        model.hparams["encoder"]["init_args"]["init_from"] is None
+    )  # weights travel in the checkpoint instead

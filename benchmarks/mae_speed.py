@@ -1,0 +1,174 @@
+"""MAE pretraining step throughput: visible-only encoder (MAE) vs all-patches encoder (SimMIM-style baseline).
+
+One training step = forward + backward + AdamW step, random images, mask ratio 0.75. Both modes share the same
+encoder and decoder sizes; only what the encoder sees differs. The two modes are timed side by side (alternating,
+after a warm-up step each) and the median step time is reported, so machine load affects both alike.
+
+    .venv/bin/python benchmarks/mae_speed.py                 # CPU, 1 thread: tiny default, ViT-S/16, decoder sweep
+    .venv/bin/python benchmarks/mae_speed.py --device cuda --batch_size 128 --amp --models tiny,small,base
+
+Prints a Markdown table and the speed-ups (visible / all images per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from idrecog.models.encoder import ViTEncoder
+from idrecog.models.mae import MaskedAutoencoder, default_decoder_size
+
+MODELS = {
+    # the default encoder (lightning_configs/pretrain_mae.yaml and unified.yaml)
+    "tiny": {"name": "vit_tiny_patch16_224", "depth": 6},
+    "small": {"name": "vit_small_patch16_224", "depth": None},
+    "base": {"name": "vit_base_patch16_224", "depth": None},
+}
+
+
+@dataclass
+class Case:
+    model: str
+    decoder_depth: int | None = None  # None: sized to the encoder
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(
+    case: Case, mode: str, img_size: tuple[int, int], device: torch.device
+) -> tuple[MaskedAutoencoder, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    spec = MODELS[case.model]
+    enc = ViTEncoder(spec["name"], img_size=img_size, depth=spec["depth"])
+    mae = MaskedAutoencoder(enc, mask_ratio=0.75, decoder_depth=case.decoder_depth, encoder_mode=mode).to(
+        device
+    )  # type: ignore[arg-type]
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-4, fused=device.type == "cuda")
+    return mae, opt
+
+
+def step(
+    mae: MaskedAutoencoder, opt: torch.optim.Optimizer, imgs: torch.Tensor, amp: bool
+) -> tuple[float, float]:
+    """One training step -> (wall seconds, this process's CPU seconds)."""
+    _sync(imgs.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss, _, _ = mae(imgs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    _sync(imgs.device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    img_size = tuple(args.img_size)
+    imgs = torch.randn(args.batch_size, 3, *img_size, device=device)
+    runs = {m: build(case, m, img_size, device) for m in ("visible", "all")}  # type: ignore[arg-type]
+    wall: dict[str, list[float]] = {m: [] for m in runs}
+    cpu: dict[str, list[float]] = {m: [] for m in runs}
+    for mae, opt in runs.values():
+        for _ in range(args.warmup):
+            step(mae, opt, imgs, args.amp)
+    for _ in range(args.repeats):  # alternate, so both modes see the same machine load
+        for m, (mae, opt) in runs.items():
+            w, c = step(mae, opt, imgs, args.amp)
+            wall[m].append(w)
+            cpu[m].append(c)
+    out: dict[str, float] = {}
+    for m in runs:
+        out[f"{m}_ips"] = args.batch_size / statistics.median(wall[m])
+        # images per CPU-second: on a shared CPU this is steadier than wall time (it ignores time spent waiting)
+        out[f"{m}_cpu_ips"] = args.batch_size / statistics.median(cpu[m])
+    out["speedup"] = out["visible_ips"] / out["all_ips"]
+    out["cpu_speedup"] = out["visible_cpu_ips"] / out["all_cpu_ips"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--img_size", type=int, nargs=2, default=(160, 256), metavar=("H", "W"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 by default: steadier on shared cores; 0: torch's)",
+    )
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast")
+    ap.add_argument("--models", default="tiny,small", help=f"comma-separated, of {sorted(MODELS)}")
+    ap.add_argument(
+        "--decoder_depths", default="1,2,4,8", help="decoder depth sweep on the first model ('' to skip)"
+    )
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    models = [m for m in args.models.split(",") if m]
+    cases = [Case(m) for m in models]
+    depths = [int(d) for d in args.decoder_depths.split(",") if d]
+    first_default = default_decoder_size(
+        192 if models[0] == "tiny" else 384 if models[0] == "small" else 768
+    )[1]
+    cases += [Case(models[0], d) for d in depths if d != first_default]
+
+    # one untimed step first: thread pools, allocator and kernels start cold on the first model otherwise
+    mae, opt = build(Case(models[0]), "visible", tuple(args.img_size), device)
+    step(mae, opt, torch.randn(args.batch_size, 3, *args.img_size, device=device), args.amp)
+    del mae, opt
+
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"# MAE step throughput, {datetime.date.today()}, {where}, {platform.python_implementation()} "
+        f"torch {torch.__version__}; batch {args.batch_size}, {args.img_size[0]}x{args.img_size[1]}, mask 0.75, "
+        f"median of {args.repeats}{', bf16' if args.amp else ''}\n"
+    )
+    cpu_cols = device.type == "cpu"
+    head = "| encoder | decoder (dim x depth) | visible-only img/s | all patches img/s | speed-up |"
+    rule = "|---|---|---:|---:|---:|"
+    if cpu_cols:
+        head += " visible img/CPU-s | all img/CPU-s | speed-up (CPU time) |"
+        rule += "---:|---:|---:|"
+    print(head)
+    print(rule)
+    results = []
+    for case in cases:
+        spec = MODELS[case.model]
+        dim = {"tiny": 192, "small": 384, "base": 768}[case.model]
+        ddim, ddepth, _ = default_decoder_size(dim)
+        ddepth = case.decoder_depth if case.decoder_depth is not None else ddepth
+        r = measure(case, args, device)
+        results.append((case, r))
+        label = spec["name"] + (f" (depth {spec['depth']})" if spec["depth"] else "")
+        row = f"| {label} | {ddim} x {ddepth} | {r['visible_ips']:.1f} | {r['all_ips']:.1f} | {r['speedup']:.2f}x |"
+        if cpu_cols:
+            row += f" {r['visible_cpu_ips']:.1f} | {r['all_cpu_ips']:.1f} | {r['cpu_speedup']:.2f}x |"
+        print(row, flush=True)
+    print()
+    for case, r in results:
+        extra = f" (CPU time: {r['cpu_speedup']:.2f})" if cpu_cols else ""
+        print(
+            f"ratio visible/all {case.model} decoder_depth={case.decoder_depth or 'default'}: {r['speedup']:.2f}{extra}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
