@@ -16,7 +16,7 @@ from idrecog.data.catalogue import TaskCatalogue, default_catalogue, load_catalo
 from idrecog.data.collate import Collator
 from idrecog.data.dataset import ON_ERROR, IdDataset
 from idrecog.data.manifest import SPLITS, Sample, read_manifest
-from idrecog.data.resolvers import TaskResolver, create_task_resolver
+from idrecog.data.resolvers import TaskResolver, check_task_resolver_args, create_task_resolver
 from idrecog.data.transforms import build_transforms, check_img_size
 from idrecog.data.user import UserFeatureEncoder
 from idrecog.errors import ConfigError
@@ -157,6 +157,8 @@ class IdDataModule(L.LightningDataModule):
         self.augment = augment
         self.task_resolver = task_resolver
         self.resolver_args = dict(resolver_args or {})
+        # fail fast (e.g. a missing task-classifier checkpoint), before any data is generated or read
+        check_task_resolver_args(task_resolver, self.resolver_args)
         self.on_error = on_error
         self.allow_external_paths = allow_external_paths
         self.limit_train_samples = limit_train_samples

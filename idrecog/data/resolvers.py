@@ -13,6 +13,7 @@ and is chosen with ``data.task_resolver: my_resolver`` (``data.resolver_args`` a
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections import Counter
 from typing import Any, ClassVar, TypeVar
@@ -32,6 +33,12 @@ class TaskResolver(ABC):
 
     def __init__(self, catalogue: TaskCatalogue) -> None:
         self.catalogue = catalogue
+
+    @classmethod
+    def check_args(cls, **kwargs: Any) -> None:
+        """Cheap, catalogue-free checks of ``data.resolver_args`` (e.g. a file exists), run when the DataModule
+        is built so that a bad value fails before any data is generated or read. Default: none."""
+        return None
 
     @abstractmethod
     def resolve(self, samples: list[Sample], split: str) -> list[list[str]]:
@@ -78,6 +85,20 @@ def create_task_resolver(name: str, catalogue: TaskCatalogue, **kwargs: Any) -> 
         raise ConfigError(f"data.resolver_args: bad arguments for task resolver {name!r}: {e}") from None
 
 
+def check_task_resolver_args(name: str, resolver_args: dict[str, Any] | None = None) -> None:
+    """Fail fast on ``data.resolver_args`` of a registered resolver: unknown keywords and the resolver's own
+    :meth:`TaskResolver.check_args`. Unknown resolver names are left to :func:`create_task_resolver`."""
+    cls = _RESOLVERS.get(name)
+    if cls is None:
+        return
+    kwargs = dict(resolver_args or {})
+    try:
+        inspect.signature(cls.__init__).bind(None, None, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"data.resolver_args: bad arguments for task resolver {name!r}: {e}") from None
+    cls.check_args(**kwargs)
+
+
 @register_task_resolver
 class DocTypeResolver(TaskResolver):
     """Tasks from ``catalogue.tasks_for(sample.doc_type)``.
@@ -121,3 +142,7 @@ class AllTasksResolver(TaskResolver):
 
     def resolve(self, samples: list[Sample], split: str) -> list[list[str]]:
         return [self.catalogue.names for _ in samples]
+
+
+# built-in resolvers defined in their own modules register on import (at the end: they import this module)
+from idrecog.data import classifier_resolver as _classifier_resolver  # noqa: E402, F401
