@@ -1,0 +1,187 @@
+"""GPU check: images/s and model FLOPs utilisation (MFU) of ViT-B/16 MAE pretraining and unified training steps,
+eager and ``torch.compile``, bf16 autocast, fused AdamW, SDPA attention (flash kernels).
+
+    bash benchmarks/gpu_check.sh            # on a GPU machine; prints a Markdown table
+    python benchmarks/gpu_check.py --tiny   # CPU smoke run of the same code with a tiny ViT
+
+FLOPs of one training step (forward + backward) are counted with ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls and attention); the optimiser's elementwise work is not counted. MFU = counted FLOPs per step x steps/s /
+the device's peak dense bf16 FLOP/s (looked up from the device name; override with --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from idrecog.data.catalogue import default_catalogue
+from idrecog.lit.optim import make_adamw
+from idrecog.models.encoder import ViTEncoder
+from idrecog.models.mae import MaskedAutoencoder
+from idrecog.testing import make_random_batch
+
+# dense bf16 tensor-core peaks (no sparsity), TFLOP/s
+PEAKS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def peak_tflops(override: float | None) -> float:
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return float("nan")
+    name = torch.cuda.get_device_name()
+    for key, val in PEAKS.items():
+        if key in name:
+            return val
+    return float("nan")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def mae_setup(args, device):
+    name, size = ("vit_tiny_patch16_224", (64, 96)) if args.tiny else ("vit_base_patch16_224", (224, 224))
+    kw = {"depth": 2} if args.tiny else {}
+    model = MaskedAutoencoder(ViTEncoder(name, img_size=size, **kw), mask_ratio=0.75).to(device)
+    imgs = torch.randn(args.mae_batch, 3, *size, device=device)
+
+    def loss_fn(m):
+        return m(imgs)[0]
+
+    return model, loss_fn, args.mae_batch
+
+
+def unified_setup(args, device):
+    from idrecog.lit.unified import UnifiedModule
+    from idrecog.models.decoder import TaskDecoder
+
+    cat = default_catalogue()
+    if args.tiny:
+        enc, size, dec = ViTEncoder("vit_tiny_patch16_224", img_size=(64, 96), depth=2), (64, 96), TaskDecoder(dim=64)
+    else:
+        enc, size = ViTEncoder("vit_base_patch16_224", img_size=(224, 352)), (224, 352)
+        dec = TaskDecoder(dim=384, depth=4, num_heads=8)
+    module = UnifiedModule(catalogue=cat.to_dict(), encoder=enc, decoder=dec, task_options={"detection": {"num_queries": 32}})
+    model = module.model.to(device)
+    batch = make_random_batch(cat, args.unified_batch, size, device=device)
+    present = batch["present"]
+
+    def loss_fn(m):
+        out = m(batch["image"], batch=batch)
+        total = 0.0
+        for i, t in enumerate(cat.names):
+            total = total + module.task_types[t].loss(out["outputs"][t], batch["targets"][t], present[:, i])
+        return total + 0.1 * m.interpreter.gate_loss(out["gate_logits"])
+
+    return model, loss_fn, args.unified_batch
+
+
+def run_one(kind: str, compiled: bool, args, device) -> dict:
+    torch.manual_seed(0)
+    model, loss_fn, bsz = (mae_setup if kind == "mae" else unified_setup)(args, device)
+    model.train()
+    opt = make_adamw([{"params": [p for p in model.parameters() if p.requires_grad]}], 1e-4, None)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    # FLOPs of one eager step (forward + backward)
+    with FlopCounterMode(display=False) as fc:
+        with amp:
+            loss = loss_fn(model)
+        loss.backward()
+    flops = fc.get_total_flops()
+    opt.zero_grad(set_to_none=True)
+
+    runner = model
+    if compiled:
+        runner = torch.compile(model)
+
+    def step():
+        with amp:
+            loss = loss_fn(runner)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        times.append((time.perf_counter() - t) / args.steps)
+    per_step = statistics.median(times)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"--- profile {kind}/{'compile' if compiled else 'eager'} (3 steps), top ops by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
+    peak = peak_tflops(args.peak_tflops)
+    mfu = flops / per_step / (peak * 1e12) if peak == peak else float("nan")
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    del model, runner, opt
+    return {
+        "job": kind, "compile": compiled, "batch": bsz, "ms_step": per_step * 1e3, "img_s": bsz / per_step,
+        "tflop_step": flops / 1e12, "mfu": mfu, "warmup_s": warm_s, "mem_gib": mem,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny ViT at 64x96 (CPU smoke run)")
+    ap.add_argument("--mae-batch", type=int, default=256)
+    ap.add_argument("--unified-batch", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--jobs", default="mae,unified")
+    ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--profile", type=int, default=0, help="print the N most expensive ops of 3 profiled steps")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, peak {peak_tflops(args.peak_tflops)} TFLOP/s bf16")
+    else:
+        print(f"device: cpu, torch {torch.__version__} (MFU not defined)")
+    rows = []
+    for job in args.jobs.split(","):
+        for mode in args.modes.split(","):
+            try:
+                r = run_one(job, mode == "compile", args, device)
+            except Exception as e:  # keep going: one failing mode must not hide the others' figures
+                print(f"{job}/{mode}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                continue
+            rows.append(r)
+            print(f"{job}/{mode}: {r}", flush=True)
+    print("\n| job | compile | batch | ms/step | images/s | TFLOP/step | MFU | warm-up s | peak mem GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['job']} | {r['compile']} | {r['batch']} | {r['ms_step']:.1f} | {r['img_s']:.0f} | "
+              f"{r['tflop_step']:.2f} | {r['mfu']:.1%} | {r['warmup_s']:.0f} | {r['mem_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
