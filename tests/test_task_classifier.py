@@ -285,3 +285,37 @@ def test_samples_from_memory_are_hashed(trained, tmp_path: Path) -> None:
     out = r.resolve(mem, "val")
     assert r.last_stats["resolved"] == len(mem) and r.last_stats["cache_hit"] is False
     assert r.resolve(mem, "val") == out and r.last_stats["cache_hit"] is True
+
+
+def test_recognizer_resolves_images_without_doc_type(trained, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from idrecog.lit.unified import UnifiedModule
+    from idrecog.models.decoder import TaskDecoder
+    from idrecog.models.interpreter import TaskGuidedInterpreter
+    from idrecog.recognition.recognizer import TASK_CLASSIFIER, RecognitionRequest, Recognizer
+
+    data, ckpt, _ = trained
+    torch.manual_seed(0)
+    module = UnifiedModule(
+        encoder=ViTEncoder("vit_tiny_patch16_224", img_size=TINY_SIZE, depth=1, embed_dim=32, num_heads=2),
+        decoder=TaskDecoder(dim=32, depth=1, num_heads=2),
+        interpreter=TaskGuidedInterpreter(guidance_hidden=16),
+    )
+    resolver = ClassifierResolver(
+        CAT, ckpt, threshold={"hologram": 0.5, "nationality_match": 0.5}, cache_dir=tmp_path
+    )
+    rec = Recognizer(module, task_resolver=resolver)
+    s = read_manifest(data / "val.jsonl", CAT)[0]
+    image = Image.open(data / s.image).convert("RGB")
+    reqs = [
+        RecognitionRequest(image=image, id="given", doc_type=s.doc_type),
+        RecognitionRequest(image=image, id="none"),
+    ]
+    given, none = rec.recognize(reqs)
+    assert given["tasks"]["how"] != TASK_CLASSIFIER and given["tasks"]["resolved"] == CAT.tasks_for(
+        s.doc_type
+    )
+    expected = resolver.resolve_images(rec.make_batch(reqs[1:])["image"])[0]
+    assert none["tasks"] == {"resolved": expected, "how": TASK_CLASSIFIER}
+    assert set(none["outputs"]) <= set(expected)

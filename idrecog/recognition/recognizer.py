@@ -29,6 +29,7 @@ class RecognitionRequest:
 
 
 DOC_TYPE_GIVEN, CLASSIFIER, ALL = "doc_type given", "classifier", "all"
+TASK_CLASSIFIER = "task classifier"
 
 
 def safe_name(text: str) -> str:
@@ -78,14 +79,19 @@ def make_record(
     rules: RuleSet | None = None,
     out_dir: str | Path | None = None,
     image: str | None = None,
+    classifier_tasks: list[str] | None = None,
 ) -> dict[str, Any]:
     """One ``predict_step`` result -> the recognize JSON object.
 
     ``pred`` holds every task the forward pass computed (``outputs``; ``withheld`` where the gate held a task
     back); the record keeps the resolved tasks only. Masks become PNG files under ``out_dir/masks`` (their path
-    in ``mask``), or are dropped without ``out_dir``; ``mask_size`` is [H, W] either way.
+    in ``mask``), or are dropped without ``out_dir``; ``mask_size`` is [H, W] either way. ``classifier_tasks``:
+    the task classifier's tasks for an image without a given doc type (they win over ``doc_type_task``).
     """
-    resolved = resolve_tasks(catalogue, pred.get("doc_type"), pred["outputs"], doc_type_task)
+    if classifier_tasks is not None and pred.get("doc_type") is None:
+        resolved = {"how": TASK_CLASSIFIER, "doc_type": None, "tasks": classifier_tasks}
+    else:
+        resolved = resolve_tasks(catalogue, pred.get("doc_type"), pred["outputs"], doc_type_task)
     keep = set(resolved["tasks"])
     outputs: dict[str, Any] = {}
     for task, out in pred["outputs"].items():
@@ -123,6 +129,9 @@ class Recognizer:
         doc_type_task: the task whose prediction resolves the tasks of an image without a given doc type;
             ``"auto"``: the classification task whose classes are the catalogue's doc types; None: all tasks.
         batch_size: images per forward pass in :meth:`recognize`.
+        task_resolver: resolves the tasks of images without a given doc type instead of ``doc_type_task``: an
+            object with ``resolve_images(images [N, 3, H, W]) -> list[list[str]]``, e.g.
+            ``idrecog.data.classifier_resolver.ClassifierResolver(catalogue, "task_classifier.ckpt")``.
     """
 
     def __init__(
@@ -132,6 +141,7 @@ class Recognizer:
         out_dir: str | Path | None = None,
         doc_type_task: str | None = "auto",
         batch_size: int = 8,
+        task_resolver: Any | None = None,
     ) -> None:
         from idrecog.data.collate import Collator
         from idrecog.data.transforms import build_transforms
@@ -149,6 +159,7 @@ class Recognizer:
             raise ConfigError(f"doc_type_task {doc_type_task!r} is not a task of the model")
         self.doc_type_task = doc_type_task
         self.batch_size = max(1, int(batch_size))
+        self.task_resolver = task_resolver
         self.img_size = tuple(module.model.encoder.img_size)
         # the DataModule's eval pipeline: same resize, dtype scaling and normalisation, same collation
         self.transform = build_transforms("predict", self.img_size, augment=False)
@@ -228,6 +239,13 @@ class Recognizer:
         batch = _to_device(batch, device)
         preds = self.module.predict_step(batch, 0)
         routing = _routing(self._captured, self.module.model.interpreter.type_names, len(requests))
+        classifier_tasks: list[list[str] | None] = [None] * len(requests)
+        missing = [j for j, r in enumerate(requests) if r.doc_type is None]
+        if self.task_resolver is not None and missing:
+            for j, tasks in zip(
+                missing, self.task_resolver.resolve_images(batch["image"][missing]), strict=True
+            ):
+                classifier_tasks[j] = tasks
         return [
             make_record(
                 p,
@@ -237,6 +255,7 @@ class Recognizer:
                 rules=self.rules,
                 out_dir=self.out_dir,
                 image=None if images is None else images[j],
+                classifier_tasks=classifier_tasks[j],
             )
             for j, p in enumerate(preds)
         ]
