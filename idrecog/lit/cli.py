@@ -112,7 +112,12 @@ def build_cli(argv: list[str], run: bool = True) -> IdrecogCLI:
 
 def run_unified(argv: list[str]) -> int:
     """Entry point of ``idrecog fit|validate|test|predict`` (argv starts with the subcommand)."""
-    build_cli(argv)
+    saved = sys.argv
+    sys.argv = saved[:1]  # the arguments come in `argv`; LightningCLI would warn about sys.argv too
+    try:
+        build_cli(argv)
+    finally:
+        sys.argv = saved
     return 0
 
 
