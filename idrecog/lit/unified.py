@@ -8,6 +8,7 @@ present samples. ``predict_step`` routes with the guidance unit (``route="guided
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from idrecog.models.encoder import ViTEncoder
 from idrecog.models.interpreter import Route, TaskGuidedInterpreter
 from idrecog.models.queries import LearnedQueries, TaskQueryProvider, module_key
 from idrecog.models.unified import UnifiedModel, module_config, module_from_config
-from idrecog.tasks.base import TaskType
+from idrecog.tasks.base import TaskType, metrics_updated
 from idrecog.tasks.registry import get_task_type_class
 
 __all__ = ["UnifiedModule", "format_metrics_table", "load_unified", "score_of"]
@@ -91,6 +92,9 @@ class UnifiedModule(L.LightningModule):
         compile: ``torch.compile`` the model's forward (in ``configure_model``).
         user_features: JSON state of the DataModule's user-feature encoder (for user-conditioned queries).
         train_metrics: also compute metrics on the training set (off: faster).
+        max_nonfinite_steps: a training step whose loss is NaN or inf is skipped with a warning naming the
+            tasks whose loss was non-finite; this many consecutive such steps stop training with
+            ``NonFiniteLossError`` (0: stop at the first).
     """
 
     def __init__(
@@ -115,8 +119,11 @@ class UnifiedModule(L.LightningModule):
         compile: bool = False,
         user_features: dict | None = None,
         train_metrics: bool = False,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
+        if max_nonfinite_steps < 0:
+            raise ConfigError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         cat = coerce_catalogue(catalogue) if catalogue is not None else default_catalogue()
         enc = module_from_config(encoder, ViTEncoder, "encoder") or ViTEncoder(
             "vit_tiny_patch16_224", img_size=(160, 256)
@@ -150,11 +157,14 @@ class UnifiedModule(L.LightningModule):
                 "compile": compile,
                 "user_features": _plain(user_features),
                 "train_metrics": train_metrics,
+                "max_nonfinite_steps": max_nonfinite_steps,
             }
         )
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_run = 0  # consecutive training steps with a non-finite loss
         self.catalogue: TaskCatalogue = cat
         self.user_features = user_features
-        self.model = UnifiedModel(cat, enc, qp, dec, itp, task_options)
+        self.model = UnifiedModel(cat, enc, qp, dec, itp, task_options, user_features=user_features)
         self.task_types: dict[str, TaskType] = self.model.task_types
         self.task_names = list(cat.names)
         self.balancer = create_balancer(
@@ -188,13 +198,30 @@ class UnifiedModule(L.LightningModule):
         """images: [B, 3, H, W] -> see :meth:`UnifiedModel.forward`."""
         return self.model(images, tasks=tasks, batch=batch, route=route)
 
+    def setup(self, stage: str) -> None:
+        """Share the user-feature vocabularies with the DataModule (after ``prepare_data``, so the data exists):
+        a model built without them (CLI: before the data was generated) takes the DataModule's fitted encoder
+        and stores it in its hparams (checkpoints rebuild from it); a model that has them makes the DataModule
+        encode users the same way."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        needs = getattr(self.model.queries, "needs_user_spec", False)
+        if self.user_features is None and needs and dm is not None and hasattr(dm, "user_encoder"):
+            state = dm.user_encoder.state_dict()
+            self.model.queries.set_user_spec(state)
+            self.user_features = state
+            self.hparams["user_features"] = _plain(state)
+        elif self.user_features is not None and dm is not None and hasattr(dm, "set_user_features"):
+            dm.set_user_features(self.user_features)
+
     def configure_model(self) -> None:
         if self.hparams.get("compile") and not self._compiled:
             self.model.compile()
             self._compiled = True
 
     # ------------------------------------------------------------------ steps
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
+        if "image" not in batch:  # every sample of the batch was dropped (data.on_error: skip)
+            return None
         images = batch["image"]
         b = images.shape[0]
         out = self.model(images, batch=batch, route="known")
@@ -204,12 +231,15 @@ class UnifiedModule(L.LightningModule):
             tt = self.task_types[task]
             loss = tt.loss(out["outputs"][task], batch["targets"][task], present[:, i])
             losses.append(loss.float().reshape(()))
-            self.loss_meters[module_key(stage)][module_key(task)].update(loss, present[:, i].sum())
         loss_vec = torch.stack(losses)  # [T]
         task_present = present.any(dim=0)  # [T]
         total, weights = self.balancer(loss_vec, task_present)
         gate_loss = self.model.interpreter.gate_loss(out["gate_logits"])
         loss = total + self.hparams.gate_loss_weight * gate_loss
+        if stage == "train" and not self._check_finite(loss, loss_vec, gate_loss):
+            return None  # Lightning skips backward and the optimiser step; nothing non-finite is logged
+        for i, task in enumerate(self.task_names):
+            self.loss_meters[module_key(stage)][module_key(task)].update(loss_vec[i], present[:, i].sum())
         on_step = stage == "train"
         self.log(
             f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=b, sync_dist=True
@@ -236,14 +266,61 @@ class UnifiedModule(L.LightningModule):
                 )
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def _check_finite(self, loss: Tensor, loss_vec: Tensor, gate_loss: Tensor) -> bool:
+        """False (and a warning naming the tasks) for a non-finite loss; raises after too many in a row.
+
+        One ``isfinite`` sync per step: the price of never stepping the optimiser on NaN gradients."""
+        if bool(torch.isfinite(loss)):
+            self._nonfinite_run = 0
+            return True
+        self._nonfinite_run += 1
+        bad = [
+            t
+            for t, v in zip(self.task_names, loss_vec.detach().cpu().tolist(), strict=True)
+            if v != v or abs(v) == float("inf")
+        ]
+        if not torch.isfinite(gate_loss):
+            bad.append("<gate>")
+        what = ", ".join(bad) or "<balancer>"
+        k = self.max_nonfinite_steps
+        if self._nonfinite_run > k:
+            from idrecog.reliability.callbacks import NonFiniteLossError
+
+            raise NonFiniteLossError(
+                f"non-finite loss in {self._nonfinite_run} consecutive training steps (global step "
+                f"{self.global_step}; tasks: {what}); stopped (model.max_nonfinite_steps={k}). Lower the "
+                "learning rate, check those tasks' labels, or resume from an earlier checkpoint"
+            )
+        warnings.warn(
+            f"non-finite training loss at global step {self.global_step} (tasks: {what}): step skipped "
+            f"({self._nonfinite_run} in a row; training stops after {k})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         return self._shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         return self._shared_step(batch, "test")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse (``ConfigError`` listing the differing tasks) a checkpoint trained on another catalogue,
+        before any weight is loaded or any step runs (``idrecog fit --ckpt_path``)."""
+        hp = checkpoint.get("hyper_parameters") or {}
+        if "catalogue" not in hp:
+            return
+        stored = TaskCatalogue.from_dict(_plain(hp["catalogue"]), source="the checkpoint")
+        diff = stored.diff(self.catalogue)
+        if diff:
+            raise ConfigError(
+                f"the checkpoint's task catalogue differs from the data's ({self.catalogue.source}): "
+                + "; ".join(diff)
+            )
 
     def predict_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
@@ -343,7 +420,7 @@ def _compute(tt: TaskType, mc: Any) -> dict[str, Tensor]:
     fn = getattr(tt, "compute_metrics", None)
     if callable(fn):
         return dict(fn(mc))
-    if all(getattr(m, "update_count", 1) == 0 for m in mc.values()):
+    if not metrics_updated(mc):  # decided over all ranks: every rank must join compute()'s sync
         return {}
     return {k: v for k, v in mc.compute().items() if isinstance(v, Tensor) and v.numel() == 1}
 

@@ -112,9 +112,11 @@ class TaskType(ABC):
         """``metrics.compute()`` flattened to scalar tensors (one of them keyed ``primary_metric``).
 
         Metrics that were never updated (no present sample in the whole stage) are left out rather than
-        reported as a meaningless default; non-scalar entries (per-class tensors) are dropped.
+        reported as a meaningless default; non-scalar entries (per-class tensors) are dropped. Under DDP
+        "never updated" is decided over all ranks (:func:`metrics_updated`), so every rank takes the same path
+        into ``compute()`` (a collective): a rank whose shard had no present sample still joins the sync.
         """
-        if all(getattr(m, "update_count", 1) == 0 for m in metrics.values()):
+        if not metrics_updated(metrics):
             return {}
         out: dict[str, Tensor] = {}
         for key, value in _flatten(metrics.compute()).items():
@@ -167,6 +169,60 @@ class TaskType(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.name!r})"
+
+
+def metrics_updated(metrics: MetricCollection) -> bool:
+    """Whether any metric of ``metrics`` was updated, on any rank when ``torch.distributed`` is initialised.
+
+    Deciding this on the local update count alone would let a rank whose shard held no present sample skip
+    ``compute()`` while the others enter its all-gather: a hang, or states synced against the wrong metric.
+    Under DDP this is a collective (every rank must call it) that also prepares such a rank's empty list
+    states for the sync (:func:`_shape_empty_list_states`).
+    """
+    local = any(getattr(m, "update_count", 1) > 0 for m in metrics.values())
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    if not any(getattr(m, "sync_on_compute", False) for m in metrics.values()):
+        return local  # syncing switched off: compute() is rank-local
+    return _shape_empty_list_states(metrics, local)
+
+
+def _shape_empty_list_states(metrics: MetricCollection, local: bool) -> bool:
+    """All-gather (updated?, trailing shape and dtype of each non-empty list state); give this rank's empty
+    list states an empty tensor of that shape and dtype; return whether any rank was updated.
+
+    torchmetrics syncs an empty list state (e.g. AUROC's ``preds`` on a rank with no sample) as a 1-D float
+    ``tensor([])``, whose shape and dtype do not match the other ranks' ``[n, C]`` tensors, and its padded
+    all-gather then fails. The reduction of a ``[0, C]`` tensor of the right dtype adds nothing.
+    """
+    info: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, m in metrics.items():
+        for attr, default in getattr(m, "_defaults", {}).items():  # list states have a list default
+            value = getattr(m, attr, None)
+            if (
+                isinstance(default, list)
+                and isinstance(value, list)
+                and value
+                and isinstance(value[0], Tensor)
+            ):
+                info[f"{name}.{attr}"] = (
+                    tuple(value[0].shape[1:]),
+                    str(value[0].dtype).removeprefix("torch."),
+                )
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (local, info))
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for _, other in gathered:
+        for key, val in other.items():
+            shapes.setdefault(key, val)
+    for name, m in metrics.items():
+        for attr, default in getattr(m, "_defaults", {}).items():
+            key = f"{name}.{attr}"
+            if isinstance(default, list) and getattr(m, attr, None) == [] and key in shapes:
+                trailing, dtype = shapes[key]
+                setattr(m, attr, [torch.empty((0, *trailing), dtype=getattr(torch, dtype), device=m.device)])
+    return any(flag for flag, _ in gathered)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
