@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("idrecog.data.cli:main", "dataset tools: `data check DIR`, `data show DIR --out grid.png`"),
     "recognize": ("idrecog.recognition.cli:recognize_main", "recognise document images: one JSON object per image"),
     "export": ("idrecog.recognition.cli:export_main", "export the multi-task model (ONNX or TorchScript)"),
+    "compare": (
+        "idrecog.compare:main",
+        "compare runs (CSV logs or offline W&B folders): Markdown table + bar chart",
+    ),
     "serve": ("idrecog.recognition.cli:serve_main", "HTTP service: POST /recognize, GET /health"),
 }
 

@@ -241,6 +241,13 @@ class IdDataModule(L.LightningDataModule):
             value if isinstance(value, UserFeatureEncoder) else UserFeatureEncoder.from_state(value)
         )
 
+    def set_user_features(self, state: UserFeatureEncoder | dict[str, Any]) -> None:
+        """Encode users with this (e.g. a checkpoint's) encoder state, also in the datasets already set up."""
+        self.user_encoder = state
+        for ds in self.datasets.values():
+            if ds.user_encoder is not None:
+                ds.user_encoder = self._user_encoder
+
     # ------------------------------------------------------------------ datasets
     def _dataset(self, split: str, train: bool) -> IdDataset:
         cat = self.catalogue

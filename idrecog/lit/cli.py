@@ -53,8 +53,9 @@ class IdrecogCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
-        # Generating a missing synthetic benchmark happens in prepare_data; nothing to do here.
-        pass
+        # Generating a missing synthetic benchmark happens in prepare_data. Here: name W&B runs by design.
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        name_wandb_runs(cfg)
 
     def _print_table(self, title: str) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
@@ -78,6 +79,43 @@ class IdrecogCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._print_table("test metrics")
+
+
+def query_design(class_path: str | None) -> str:
+    """A provider class path -> its shorthand (``learned``, ``text``, ``multimodal``), else the class name."""
+    if not class_path:
+        return "learned"
+    for short, path in QUERY_SHORTHANDS.items():
+        if class_path in (path, short):
+            return short
+    return str(class_path).rpartition(".")[2]
+
+
+def name_wandb_runs(cfg: Any) -> None:
+    """Fill unset ``group`` / ``name`` / ``tags`` of W&B loggers in a parsed config from the query design and
+    the seed (``multimodal``, ``multimodal-s1``), so dashboards group runs by design without extra flags."""
+    trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
+    loggers = trainer.get("logger") if trainer is not None else None
+    if loggers is None or isinstance(loggers, bool):
+        return
+    model = cfg.get("model")
+    queries = (
+        model.get("init_args", {}).get("queries") if model is not None and hasattr(model, "get") else None
+    )
+    design = query_design(queries.get("class_path") if hasattr(queries, "get") else None)
+    seed = cfg.get("seed_everything")
+    for lg in loggers if isinstance(loggers, list) else [loggers]:
+        if not hasattr(lg, "get") or not str(lg.get("class_path", "")).endswith("WandbLogger"):
+            continue
+        args = lg.get("init_args")
+        if args is None:
+            continue
+        if args.get("group") is None:
+            args["group"] = design
+        if args.get("name") is None:
+            args["name"] = f"{design}-s{seed}" if seed is not None else design
+        tags = list(args.get("tags") or [])
+        args["tags"] = tags + [t for t in (design, f"seed{seed}") if t not in tags]
 
 
 def expand_shorthands(argv: list[str]) -> list[str]:

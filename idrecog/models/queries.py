@@ -54,8 +54,18 @@ class TaskQueryProvider(nn.Module):
         self.query_counts: dict[str, int] = {}
         self.dim = 0
 
-    def build(self, catalogue: TaskCatalogue, query_counts: dict[str, int], dim: int) -> None:
-        """Create the parameters. ``query_counts``: task -> number of query tokens; ``dim``: token width."""
+    def build(
+        self,
+        catalogue: TaskCatalogue,
+        query_counts: dict[str, int],
+        dim: int,
+        encoder: nn.Module | None = None,
+        user_spec: dict[str, Any] | None = None,
+    ) -> None:
+        """Create the parameters. ``query_counts``: task -> number of query tokens; ``dim``: token width;
+        ``encoder``: the model's image encoder (for providers that encode associated frames); ``user_spec``: the
+        fitted ``UserFeatureEncoder`` state (vocabulary sizes), None when unknown. UnifiedModel passes the last
+        two only to providers whose ``build`` accepts them."""
         raise NotImplementedError
 
     def forward(self, tasks: list[str], batch_size: int, batch: dict[str, Any] | None = None) -> Tensor:
@@ -100,7 +110,7 @@ class LearnedQueries(TaskQueryProvider):
         self.std = std
         self.embeds = nn.ParameterDict()
 
-    def build(self, catalogue: TaskCatalogue, query_counts: dict[str, int], dim: int) -> None:
+    def build(self, catalogue: TaskCatalogue, query_counts: dict[str, int], dim: int, **_: Any) -> None:
         self.query_counts, self.dim = dict(query_counts), dim
         for task in catalogue.names:
             n = int(query_counts[task])

@@ -17,6 +17,7 @@ For a fixed task list the traced path has no data-dependent Python control flow 
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -105,6 +106,7 @@ class UnifiedModel(nn.Module):
         decoder: the task decoder (built here for the encoder width and patch grid).
         interpreter: the task-guided interpreter (built here with each task's head).
         task_options: per task TYPE (or task name) options for the task types, e.g. ``{"detection": {"num_queries": 16}}``.
+        user_features: the DataModule's fitted ``UserFeatureEncoder`` state, for providers that embed user info.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class UnifiedModel(nn.Module):
         decoder: TaskDecoder,
         interpreter: TaskGuidedInterpreter,
         task_options: Mapping[str, Mapping[str, Any]] | None = None,
+        user_features: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.catalogue = coerce_catalogue(catalogue)
@@ -125,7 +128,12 @@ class UnifiedModel(nn.Module):
         self.queries = queries
         self.decoder = decoder
         self.interpreter = interpreter
-        queries.build(self.catalogue, self.query_counts, dim)
+        # providers conditioned on frames / user info also get the encoder and the user vocabularies
+        accepted = inspect.signature(queries.build).parameters
+        extra = {"encoder": encoder, "user_spec": dict(user_features) if user_features else None}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            extra = {k: v for k, v in extra.items() if k in accepted}
+        queries.build(self.catalogue, self.query_counts, dim, **extra)
         decoder.build(encoder.embed_dim, encoder.grid_size)
         interpreter.build(self.task_types, dim)
         self.pixel_tasks = {t for t, tt in self.task_types.items() if tt.needs_pixel_features}

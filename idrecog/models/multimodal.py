@@ -1,0 +1,296 @@
+"""``MultimodalQueries``: the converter that makes each task's query tokens from its text and the sample's
+associated information.
+
+For task t and sample b, a small transformer reads::
+
+    [slot tokens of t (Q_t, learned)] + [text tokens of t's query_text (frozen text encoder, projected)]
+      + [frame tokens: flash + angle frames, pooled patch tokens]   only if t is `frames: multi` and `uses` them
+      + [user tokens: one per attribute, one per behaviour value]    only if t `uses: [user]`
+
+and its outputs at the slot positions, projected to the decoder width, are the sample's queries [B, Q_t, dim].
+Missing information (a sample without frames or user info, an unknown attribute, a missing behaviour value) is
+removed with the attention key padding mask, never fed as zeros. A task that uses neither frames nor user info
+gets the same tokens for every sample, so it is computed once at batch size 1 and expanded.
+
+Frames are encoded (``image_mode``) by the model's own encoder with gradient (``shared``), by it without
+gradient (``shared_frozen``), or by a separate light patch embedding (``separate``); the patch tokens are pooled
+to a ``frame_pool`` grid to keep the converter small. Only the frames present in the batch are encoded.
+
+User attributes and behaviour come in the encodings of :class:`idrecog.data.user.UserFeatureEncoder`; the
+vocabulary sizes come from its fitted state (``user_spec``), which ``UnifiedModule`` keeps in its
+``user_features`` hyper-parameter (taken from the DataModule in ``setup`` when the model was built without it,
+so it survives checkpoint reload).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from idrecog.data.catalogue import TaskCatalogue
+from idrecog.data.user import UserFeatureEncoder
+from idrecog.errors import ConfigError
+from idrecog.models.queries import TaskQueryProvider, module_key, register_query_provider
+from idrecog.text import encode_texts, load_text_encoder
+
+__all__ = ["IMAGE_MODES", "KINDS", "MultimodalQueries"]
+
+IMAGE_MODES = ("shared", "shared_frozen", "separate")
+#: token kinds of the converter's input, in ``inputs_for(...)["kinds"]``
+KINDS = ("slot", "text", "frame", "user")
+SLOT, TEXT, FRAME, USER = range(4)
+MAX_FRAMES = 8  # flash + up to 7 angle frames get their own frame-slot embedding
+
+
+@register_query_provider("multimodal")
+class MultimodalQueries(TaskQueryProvider):
+    """The multimodal converter (see the module docstring).
+
+    Args:
+        model_dir: local transformers folder of the text encoder; None: the packaged all-MiniLM-L6-v2.
+        width: the converter's token width.
+        depth: converter layers.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / width.
+        image_mode: ``shared`` | ``shared_frozen`` | ``separate`` (see the module docstring).
+        frame_pool: (h, w) grid the frame patch tokens are average-pooled to.
+        patch_size: patch size of the ``separate`` patch embedding.
+        max_length: token limit of a query text.
+        std: init std of the learned tokens.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | None = None,
+        width: int = 128,
+        depth: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        image_mode: str = "shared",
+        frame_pool: tuple[int, int] = (5, 8),
+        patch_size: int = 16,
+        max_length: int = 64,
+        std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if image_mode not in IMAGE_MODES:
+            raise ConfigError(f"queries.image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
+        self.init_args = {
+            "model_dir": model_dir,
+            "width": width,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "image_mode": image_mode,
+            "frame_pool": [int(frame_pool[0]), int(frame_pool[1])],
+            "patch_size": patch_size,
+            "max_length": max_length,
+            "std": std,
+        }
+        self.model_dir, self.width, self.image_mode = model_dir, width, image_mode
+        self.frame_pool = (int(frame_pool[0]), int(frame_pool[1]))
+        self.patch_size, self.max_length, self.std = patch_size, max_length, std
+        self.depth, self.num_heads, self.mlp_ratio = depth, num_heads, mlp_ratio
+        self.tasks: list[str] = []
+        self.frame_kinds: dict[
+            str, tuple[bool, bool]
+        ] = {}  # task -> (uses flash, uses angles), multi-frame only
+        self.user_tasks: set[str] = set()
+        self.user_spec: dict[str, Any] | None = None
+        self._shared: tuple[nn.Module, ...] = ()  # the model's encoder, not registered (no duplicate weights)
+        #: per task, the last converter input: {"kinds": long [S], "valid": bool [B or 1, S]} (for tests, debugging)
+        self.last_inputs: dict[str, dict[str, Tensor]] = {}
+
+    # ------------------------------------------------------------------ build
+    def build(
+        self,
+        catalogue: TaskCatalogue,
+        query_counts: dict[str, int],
+        dim: int,
+        encoder: nn.Module | None = None,
+        user_spec: dict[str, Any] | None = None,
+    ) -> None:
+        self.query_counts, self.dim = dict(query_counts), dim
+        self.tasks = list(catalogue.names)
+        w = self.width
+        # text: token states of every query text, computed once by the frozen encoder, not in checkpoints
+        tok, enc = load_text_encoder(self.model_dir)
+        with torch.no_grad():
+            states, mask = encode_texts(
+                tok, enc, [catalogue[t].query_text for t in self.tasks], self.max_length
+            )
+        self.register_buffer("text_states", states.detach(), persistent=False)  # [T, S, H]
+        self.register_buffer("text_mask", mask, persistent=False)  # [T, S]
+        hidden = int(states.shape[-1])
+        del tok, enc
+        self.text_proj = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, w))
+        self.kind_embed = nn.Parameter(torch.randn(len(KINDS), w) * self.std)
+        self.slots = nn.ParameterDict()
+        for t in self.tasks:
+            n = int(query_counts[t])
+            if n < 1:
+                raise ConfigError(f"task {t!r} must own at least one query token, got {n}")
+            self.slots[module_key(t)] = nn.Parameter(torch.randn(n, w) * self.std)
+        # frames: only tasks that are multi-frame AND use flash/angles
+        self.frame_kinds = {
+            s.name: ("flash" in s.uses, "angles" in s.uses) for s in catalogue if s.uses_frames
+        }
+        if self.frame_kinds:
+            if self.image_mode == "separate":
+                self.patch_embed = nn.Conv2d(3, w, self.patch_size, self.patch_size)
+                frame_in = w
+            else:
+                if encoder is None:
+                    raise ConfigError(
+                        f"queries.image_mode={self.image_mode!r} encodes frames with the model's encoder, but "
+                        "build() got none; use image_mode: separate for a standalone provider"
+                    )
+                self._shared = (encoder,)
+                frame_in = int(encoder.embed_dim)
+            self.frame_proj = nn.Sequential(nn.LayerNorm(frame_in), nn.Linear(frame_in, w))
+            n_pos = self.frame_pool[0] * self.frame_pool[1]
+            self.frame_pos = nn.Parameter(torch.randn(n_pos, w) * self.std)
+            self.frame_slot = nn.Parameter(torch.randn(MAX_FRAMES, w) * self.std)
+        self.user_tasks = {s.name for s in catalogue if s.uses_user}
+        if self.user_tasks and user_spec is not None:
+            self.set_user_spec(user_spec)
+        layer = nn.TransformerEncoderLayer(
+            w,
+            self.num_heads,
+            int(w * self.mlp_ratio),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.converter = nn.TransformerEncoder(layer, self.depth, enable_nested_tensor=False)
+        self.out_proj = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, dim))
+
+    def set_user_spec(self, user_spec: dict[str, Any]) -> None:
+        """Create the user-feature embeddings from a ``UserFeatureEncoder`` state (vocabularies, behaviour size)."""
+        enc = UserFeatureEncoder.from_state(user_spec)
+        self.user_spec = enc.state_dict()
+        ref = self.kind_embed
+        sizes = enc.vocab_sizes
+        offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0) if sizes else torch.zeros(0)
+        self.register_buffer("attr_offsets", offsets.long().to(ref.device), persistent=False)
+        w = self.width
+        self.attr_embed = nn.Embedding(max(1, sum(sizes)), w).to(ref.device)
+        nn.init.normal_(self.attr_embed.weight, std=self.std)
+        self.attr_id = nn.Parameter(torch.randn(max(1, enc.n_attr), w, device=ref.device) * self.std)
+        self.beh_weight = nn.Parameter(torch.randn(max(1, enc.n_behaviour), w, device=ref.device) * self.std)
+        self.beh_bias = nn.Parameter(torch.randn(max(1, enc.n_behaviour), w, device=ref.device) * self.std)
+        self.n_attr, self.n_behaviour = enc.n_attr, enc.n_behaviour
+
+    @property
+    def needs_user_spec(self) -> bool:
+        """Some task uses user info but the vocabularies are not known yet (see ``set_user_spec``)."""
+        return bool(self.user_tasks) and self.user_spec is None
+
+    # ------------------------------------------------------------------ associated information
+    def encode_frames(self, assoc: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """assoc: {"flash": [B, 3, H, W], "angles": [B, A, 3, H, W], "mask": bool [B, 1 + A]} ->
+        (tokens [B, 1 + A, P, width], valid bool [B, 1 + A, P]); P = frame_pool cells. Absent frames are not
+        encoded and are invalid."""
+        frames = torch.cat([assoc["flash"].unsqueeze(1), assoc["angles"]], dim=1)  # [B, F, 3, H, W]
+        present = assoc["mask"].to(frames.device).bool()  # [B, F]
+        b, f = present.shape
+        p = self.frame_pool[0] * self.frame_pool[1]
+        out = frames.new_zeros(b, f, p, self.width)
+        if present.any():
+            x = frames[present]  # [N, 3, H, W]
+            if self.image_mode == "separate":
+                grid = self.patch_embed(x)  # [N, w, H/p, W/p]
+            else:
+                enc = self._shared[0]
+                with torch.set_grad_enabled(self.image_mode == "shared" and torch.is_grad_enabled()):
+                    tokens = enc(x)  # [N, L, E]
+                gh, gw = enc.grid_size
+                grid = tokens.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
+            pooled = F.adaptive_avg_pool2d(grid, self.frame_pool).flatten(2).transpose(1, 2)  # [N, P, C]
+            slot_ids = torch.arange(f, device=frames.device).clamp_max(MAX_FRAMES - 1)
+            slot = self.frame_slot[slot_ids].unsqueeze(0).expand(b, -1, -1)[present]  # [N, w]
+            tok = self.frame_proj(pooled) + self.frame_pos + slot.unsqueeze(1) + self.kind_embed[FRAME]
+            out = out.index_put((present,), tok.to(out.dtype))
+        return out, present.unsqueeze(-1).expand(b, f, p)
+
+    def encode_user(self, user: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """user (batch contract) -> (tokens [B, n_attr + n_beh, width], valid bool [B, n_attr + n_beh]).
+        An attribute at index 0 (missing/unseen), a masked behaviour value, or a sample without user info is
+        invalid."""
+        if self.user_spec is None:
+            raise ConfigError(
+                "a task uses user info but the converter has no user-feature vocabulary: set the model's "
+                "user_features (UnifiedModule takes it from the DataModule in setup) or call set_user_spec"
+            )
+        attrs = user["attributes"].long()  # [B, n_attr]
+        has = user["mask"].bool()  # [B]
+        b = attrs.shape[0]
+        a_tok = self.attr_embed(attrs + self.attr_offsets) + self.attr_id[: self.n_attr]  # [B, n_attr, w]
+        a_valid = (attrs > 0) & has.unsqueeze(1)
+        beh = user["behaviour"].float()  # [B, n_beh]
+        w_ = self.beh_weight[: self.n_behaviour]
+        b_tok = beh.unsqueeze(-1) * w_ + self.beh_bias[: self.n_behaviour]  # [B, n_beh, w]
+        b_valid = user["behaviour_mask"].bool() & has.unsqueeze(1)
+        tok = torch.cat([a_tok.reshape(b, self.n_attr, -1), b_tok], dim=1) + self.kind_embed[USER]
+        return tok, torch.cat([a_valid, b_valid], dim=1)
+
+    # ------------------------------------------------------------------ converter
+    def inputs_for(
+        self, task: str, batch_size: int, batch: dict[str, Any] | None = None, cache: dict | None = None
+    ) -> dict[str, Tensor]:
+        """The converter's input for one task: {"tokens": [B', S, width], "valid": bool [B', S] (False = masked
+        out), "kinds": long [S] (indices into ``KINDS``)}; B' = 1 when nothing sample-dependent enters."""
+        cache = {} if cache is None else cache
+        batch = batch or {}
+        i = self.tasks.index(task)
+        slots = self.slots[module_key(task)] + self.kind_embed[SLOT]  # [Q, w]
+        tmask = self.text_mask[i]
+        text = self.text_proj(self.text_states[i][tmask]) + self.kind_embed[TEXT]  # [S_t, w]
+        static = torch.cat([slots, text], dim=0)
+        kinds = [torch.full((slots.shape[0],), SLOT), torch.full((text.shape[0],), TEXT)]
+        parts: list[tuple[Tensor, Tensor]] = []
+        if task in self.frame_kinds and batch.get("assoc") is not None:
+            if "frames" not in cache:
+                cache["frames"] = self.encode_frames(batch["assoc"])
+            ftok, fvalid = cache["frames"]  # [B, F, P, w], [B, F, P]
+            flash, angles = self.frame_kinds[task]
+            use = torch.zeros(ftok.shape[1], dtype=torch.bool, device=ftok.device)
+            use[0] = flash
+            use[1:] = angles
+            ftok, fvalid = ftok[:, use].flatten(1, 2), fvalid[:, use].flatten(1, 2)
+            parts.append((ftok, fvalid))
+            kinds.append(torch.full((ftok.shape[1],), FRAME))
+        if task in self.user_tasks and batch.get("user") is not None:
+            if "user" not in cache:
+                cache["user"] = self.encode_user(batch["user"])
+            parts.append(cache["user"])
+            kinds.append(torch.full((cache["user"][0].shape[1],), USER))
+        bsz = batch_size if parts else 1
+        tokens = [static.unsqueeze(0).expand(bsz, -1, -1)] + [p[0] for p in parts]
+        valid = [torch.ones(bsz, static.shape[0], dtype=torch.bool, device=static.device)]
+        valid += [p[1] for p in parts]
+        return {
+            "tokens": torch.cat([t.to(static.dtype) for t in tokens], dim=1),
+            "valid": torch.cat(valid, dim=1),
+            "kinds": torch.cat(kinds).to(static.device),
+        }
+
+    def forward(self, tasks: list[str], batch_size: int, batch: dict[str, Any] | None = None) -> Tensor:
+        """-> [B, sum(Q_t), dim]: each sample's query tokens for the tasks, in order."""
+        cache: dict[str, Any] = {}
+        out = []
+        for t in tasks:
+            inp = self.inputs_for(t, batch_size, batch, cache)
+            self.last_inputs[t] = {"kinds": inp["kinds"], "valid": inp["valid"].detach()}
+            h = self.converter(inp["tokens"], src_key_padding_mask=~inp["valid"])
+            q = self.out_proj(h[:, : self.query_counts[t]])  # [B', Q_t, dim]
+            out.append(q.expand(batch_size, -1, -1))
+        return torch.cat(out, dim=1)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"kind_embed", "frame_pos", "frame_slot", "attr_id", "beh_bias"}
+        return names | {f"slots.{k}" for k in self.slots}
