@@ -82,6 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"idrecog {command}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        # Lightning ends a run on SIGTERM with SIGTERMException (a SystemExit with no code, i.e. status 0):
+        # report the preemption with the conventional 128 + 15 so schedulers see the run did not finish
+        if type(e).__name__ != "SIGTERMException":
+            raise
+        print(
+            f"idrecog {command}: stopped by SIGTERM (checkpoint saved; resume with --ckpt_path last)",
+            file=sys.stderr,
+        )
+        return 143
     return int(code or 0)
 
 

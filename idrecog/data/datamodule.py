@@ -14,12 +14,12 @@ from torch.utils.data import DataLoader
 
 from idrecog.data.catalogue import TaskCatalogue, default_catalogue, load_catalogue
 from idrecog.data.collate import Collator
-from idrecog.data.dataset import ON_ERROR, IdDataset
-from idrecog.data.manifest import SPLITS, Sample, read_manifest
+from idrecog.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, ON_ERROR, IdDataset
+from idrecog.data.manifest import SPLITS, Sample, iter_manifest, read_manifest
 from idrecog.data.resolvers import TaskResolver, check_task_resolver_args, create_task_resolver
 from idrecog.data.transforms import build_transforms, check_img_size
 from idrecog.data.user import UserFeatureEncoder
-from idrecog.errors import ConfigError
+from idrecog.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,16 @@ class IdDataModule(L.LightningDataModule):
         augment: train-time geometric and photometric augmentation (no flips).
         task_resolver: a registered task resolver (``idrecog.data.resolvers.list_task_resolvers()``).
         resolver_args: its keyword arguments, e.g. ``{missing: skip}`` for ``doc_type``.
-        on_error: ``raise`` or ``mask`` (a label that fails to load is masked and counted).
+        on_error: what a bad sample does (docs/reliability.md). ``raise``: a pre-flight scan of the splits in
+            use stops before training on the first problem, naming file, line and field. ``skip``: samples with
+            problems (pre-flight, or failing at load time) are dropped, counted by reason and reported at each
+            epoch end and in the final summary. ``mask``: no scan; a label that fails to load is masked and
+            counted (an unreadable image still raises).
+        preflight: run the pre-flight scan (``idrecog data check``'s validation) under ``raise`` and ``skip``.
+        preflight_cache_dir: where scan results are cached by manifest and catalogue hash; None:
+            ``$IDRECOG_CACHE/preflight`` or ``~/.cache/idrecog/preflight``; "": no cache.
+        max_image_pixels: images with more pixels are refused (decompression-bomb guard; also sets PIL's
+            ``Image.MAX_IMAGE_PIXELS``); None: PIL's default.
         allow_external_paths: allow absolute and ``..`` paths in manifests.
         limit_train_samples: keep a random subset (seeded) of this many train samples.
         seed: the seed of the train shuffle and of ``limit_train_samples``.
@@ -127,6 +136,9 @@ class IdDataModule(L.LightningDataModule):
         task_resolver: str = "doc_type",
         resolver_args: dict | None = None,
         on_error: str = "raise",
+        preflight: bool = True,
+        preflight_cache_dir: str | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         allow_external_paths: bool = False,
         limit_train_samples: int | None = None,
         seed: int = 0,
@@ -160,6 +172,20 @@ class IdDataModule(L.LightningDataModule):
         # fail fast (e.g. a missing task-classifier checkpoint), before any data is generated or read
         check_task_resolver_args(task_resolver, self.resolver_args)
         self.on_error = on_error
+        self.preflight = preflight
+        self.preflight_cache_dir = preflight_cache_dir
+        if max_image_pixels is not None:
+            if max_image_pixels < 1:
+                raise ConfigError(f"data.max_image_pixels must be >= 1 or null, got {max_image_pixels}")
+            from PIL import Image
+
+            # PIL's own guard (every Image.open in this process) uses the same limit
+            Image.MAX_IMAGE_PIXELS = max_image_pixels
+        self.max_image_pixels = max_image_pixels
+        #: {split: {reason: samples}} dropped by the pre-flight scan under ``on_error: skip``
+        self.skipped: dict[str, dict[str, int]] = {}
+        self._preflight_done: dict[str, Any] = {}
+        self._sampler_state: dict[str, int] | None = None
         self.allow_external_paths = allow_external_paths
         self.limit_train_samples = limit_train_samples
         self.seed = seed
@@ -214,11 +240,66 @@ class IdDataModule(L.LightningDataModule):
         return create_task_resolver(self.task_resolver, self.catalogue, **self.resolver_args)
 
     # ------------------------------------------------------------------ user encoder
+    def _run_preflight(self, split: str) -> None:
+        """Scan ``split`` once (cached on disk); ``raise``: stop on the first problem; ``skip``: count them."""
+        if not self.preflight or self.on_error not in ("raise", "skip") or split in self._preflight_done:
+            return
+        from idrecog.reliability.preflight import preflight_scan
+
+        res = preflight_scan(
+            self.root,
+            split,
+            self.catalogue,
+            allow_external_paths=self.allow_external_paths,
+            max_image_pixels=self.max_image_pixels,
+            cache_dir=self.preflight_cache_dir,
+        )
+        self._preflight_done[split] = res
+        if not res.problems:
+            return
+        if self.on_error == "raise":
+            first = res.problems[0]
+            more = f" ({len(res.problems)} problems in {split}.jsonl; `idrecog data check {self.root}` lists them all"
+            raise DataFormatError(
+                f"{first.message}{more}; data.on_error: skip drops such samples)",
+                file=first.file,
+                line=first.line,
+                field=first.field,
+            )
+        self.skipped[split] = res.counts
+        rank_zero_info(
+            f"[data] {split}: pre-flight scan{' (cached)' if res.cached else ''}: skipping "
+            f"{len(res.bad_lines)} sample(s): "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(res.counts.items()))
+        )
+
+    def _read_split(self, split: str) -> list[Sample]:
+        """The split's samples; under ``skip``, without malformed lines and lines the pre-flight scan flagged."""
+        path = self.root / f"{split}.jsonl"
+        if self.on_error != "skip":
+            return read_manifest(path, self.catalogue, allow_external_paths=self.allow_external_paths)
+        if not path.is_file():
+            raise DataFormatError("manifest not found", file=path)
+        scan = self._preflight_done.get(split)
+        bad = scan.bad_lines if scan is not None else {}
+        out = []
+        for item in iter_manifest(path, self.catalogue, allow_external_paths=self.allow_external_paths):
+            if isinstance(item, DataFormatError):
+                if scan is None:  # no pre-flight: count manifest-level problems here
+                    from idrecog.reliability.preflight import classify_problem
+
+                    counts = self.skipped.setdefault(split, {})
+                    reason = classify_problem(item)
+                    counts[reason] = counts.get(reason, 0) + 1
+                continue
+            if item.line not in bad:
+                out.append(item)
+        return out
+
     def _read_train(self) -> list[Sample]:
         if self._train_samples is None:
-            samples = read_manifest(
-                self.root / "train.jsonl", self.catalogue, allow_external_paths=self.allow_external_paths
-            )
+            self._run_preflight("train")
+            samples = self._read_split("train")
             if self.limit_train_samples is not None and self.limit_train_samples < len(samples):
                 g = torch.Generator().manual_seed(self.seed)
                 keep = sorted(torch.randperm(len(samples), generator=g)[: self.limit_train_samples].tolist())
@@ -252,7 +333,11 @@ class IdDataModule(L.LightningDataModule):
     def _dataset(self, split: str, train: bool) -> IdDataset:
         cat = self.catalogue
         needs_user = any(s.uses_user for s in cat)
-        samples = self._read_train() if split == "train" else None
+        if split == "train":
+            samples = self._read_train()
+        else:
+            self._run_preflight(split)
+            samples = self._read_split(split)
         return IdDataset(
             self.root,
             split,
@@ -264,6 +349,7 @@ class IdDataModule(L.LightningDataModule):
             allow_external_paths=self.allow_external_paths,
             cache_images=self.cache_images,
             samples=samples,
+            max_image_pixels=self.max_image_pixels,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -294,20 +380,64 @@ class IdDataModule(L.LightningDataModule):
         if trainer is not None and any(s.uses_frames for s in self.catalogue):
             if not any(isinstance(c, MaskedLabelReport) for c in trainer.callbacks):
                 trainer.callbacks.append(MaskedLabelReport(self.catalogue))
+        if trainer is not None and self.on_error == "skip":
+            from idrecog.reliability.callbacks import SkipReport
+
+            report = next((c for c in trainer.callbacks if isinstance(c, SkipReport)), None)
+            if report is None:
+                trainer.callbacks.append(SkipReport(self.skipped))
+            else:
+                report.preflight = {k: dict(v) for k, v in self.skipped.items()}
 
     def _loader(self, key: str, shuffle: bool) -> DataLoader:
         if key not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[key])
         ds = self.datasets[key]
+        sampler = None
+        if shuffle:
+            from idrecog.reliability.sampler import ResumableRandomSampler
+
+            # the epoch's order depends on (seed, epoch) only, so a resumed run continues it exactly
+            sampler = ResumableRandomSampler(len(ds), self.seed, self.batch_size)
+            if self._sampler_state is not None:
+                sampler.load_state_dict(self._sampler_state)
+                self._sampler_state = None
+        if self.on_error == "skip":
+            from idrecog.reliability.collate import SkippingCollator
+
+            collate: Any = SkippingCollator(ds.catalogue)
+        else:
+            collate = Collator(ds.catalogue)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=Collator(ds.catalogue),
+            collate_fn=collate,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """The train sampler's position (epoch, batches trained in it), saved in every fit checkpoint."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_sampler": {"epoch": int(trainer.current_epoch), "batches_done": int(done)}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: the next train DataLoader starts after the batches the checkpointed run had trained on."""
+        state = state_dict.get("train_sampler")
+        if state is None:
+            return
+        self._sampler_state = dict(state)
+        import warnings
+
+        # Lightning cannot see the sampler's state and warns that the resume would be inexact; it is exact
+        warnings.filterwarnings(
+            "ignore", message="You're resuming from a checkpoint that ended before the epoch"
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -18,6 +18,7 @@ the image, the frames of the same capture, the masks and the boxes together.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -40,13 +41,54 @@ from idrecog.tasks.registry import create_task_type
 
 log = logging.getLogger(__name__)
 
-ON_ERROR = ("raise", "mask")
+ON_ERROR = ("raise", "skip", "mask")
+#: what an item is replaced by under ``on_error="skip"`` when it fails to load: ``{SKIPPED: reason, "id": ...}``
+SKIPPED = "skipped"
+#: PIL's own default limit (about 89.5 megapixels), used when none is configured
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
-def read_rgb(path: Path) -> tv_tensors.Image:
-    """Decode an image file to ``tv_tensors.Image`` uint8 [3, H, W] (PIL decode; alpha and palettes dropped)."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+def check_image_pixels(path: Path, max_pixels: int) -> None:
+    """Raise ``ImageTooLargeError`` when the image header declares more than ``max_pixels`` pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageTooLargeError(f"{e} (decompression-bomb guard)") from None
+    if w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {w}x{h} = {w * h} pixels, more than data.max_image_pixels={max_pixels} "
+            "(decompression-bomb guard)"
+        )
+
+
+def read_rgb(path: Path, max_pixels: int | None = None) -> tv_tensors.Image:
+    """Decode an image file to ``tv_tensors.Image`` uint8 [3, H, W] (PIL decode; alpha and palettes dropped).
+
+    ``max_pixels``: refuse (``ImageTooLargeError``) an image whose header declares more pixels, before decoding
+    it: a small compressed file can expand to gigabytes (a decompression bomb).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageTooLargeError(
+                        f"image is {w}x{h} = {w * h} pixels, more than data.max_image_pixels={max_pixels} "
+                        "(decompression-bomb guard)"
+                    )
+                arr = np.asarray(im.convert("RGB"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageTooLargeError(
+                f"{e} (decompression-bomb guard; raise data.max_image_pixels to allow it)"
+            ) from None
     return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
@@ -68,8 +110,12 @@ class IdDataset(Dataset):
         transform: a v2 transform called on ``{"image", "frames", "targets"}``; by default only a float
             conversion (no resize, no normalisation).
         user_encoder: encodes ``sample.user``; fitted on this split's samples when None and a task uses user info.
-        on_error: ``raise`` (a label, mask or frame that fails to load raises ``DataFormatError``) or ``mask``
-            (that label is masked and counted in ``counts``). An unreadable main image always raises.
+        on_error: ``raise`` (a label, mask or frame that fails to load raises ``DataFormatError``), ``skip``
+            (a sample with an unreadable image, frame or label is replaced by ``{SKIPPED: reason, "id": ...}``,
+            which ``idrecog.reliability.collate.SkippingCollator`` drops and counts) or ``mask`` (that label
+            is masked and counted in ``counts``; an unreadable main image still raises).
+        max_image_pixels: images (and frames) with more pixels are refused before decoding; None: no limit
+            beyond PIL's global ``Image.MAX_IMAGE_PIXELS``.
         cache_images: keep decoded images and frames in memory (for small datasets; per worker process).
         drop_empty: drop samples to which no task applies (e.g. ``DocTypeResolver(missing="skip")``).
     """
@@ -88,6 +134,7 @@ class IdDataset(Dataset):
         cache_images: bool = False,
         samples: list[Sample] | None = None,
         drop_empty: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ConfigError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -127,6 +174,7 @@ class IdDataset(Dataset):
             else v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
         )
         self.on_error = on_error
+        self.max_image_pixels = max_image_pixels
         self.cache_images = cache_images
         self._cache: dict[Path, tv_tensors.Image] = {}
         #: per-process counts of masked labels: "frames_missing/<task>", "user_missing/<task>", "load_error/<task>"
@@ -162,11 +210,15 @@ class IdDataset(Dataset):
         if cached is not None:
             return cached
         try:
+            if self.max_image_pixels is not None:
+                check_image_pixels(path, self.max_image_pixels)  # from the header, before decoding
             img = read_rgb(path)
         except FileNotFoundError:
             raise DataFormatError(
                 f"file not found: {path}", file=sample.source, line=sample.line, field=field
             ) from None
+        except ImageTooLargeError as e:
+            raise DataFormatError(f"{path}: {e}", file=sample.source, line=sample.line, field=field) from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataFormatError(
                 f"cannot decode image {path}: {e}", file=sample.source, line=sample.line, field=field
@@ -183,6 +235,8 @@ class IdDataset(Dataset):
         try:
             img = self._load_image(rel, sample, field)
         except DataFormatError:
+            if self.on_error == "skip":
+                raise  # the sample is dropped (a missing frame file is a data error under skip)
             if not self._path(rel).exists() or self.on_error == "mask":
                 return None  # a missing frame file counts as a missing frame
             raise
@@ -192,6 +246,19 @@ class IdDataset(Dataset):
         return img
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.on_error != "skip":
+            return self._getitem(index)
+        try:
+            return self._getitem(index)
+        except DataFormatError as e:
+            from idrecog.reliability.preflight import classify_problem
+
+            reason = classify_problem(e)
+            self.counts[f"skipped/{reason}"] += 1
+            log.warning("skipping sample: %s", e)
+            return {SKIPPED: reason, "id": self.samples[index].id, "error": str(e)}
+
+    def _getitem(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
         image = self._load_image(s.image, s, "image")
         size = (int(image.shape[-2]), int(image.shape[-1]))
@@ -226,7 +293,7 @@ class IdDataset(Dataset):
             try:
                 targets[spec.name] = tt.load_target(value, self.root, size)
             except (ValueError, OSError) as e:
-                if self.on_error == "raise":
+                if self.on_error in ("raise", "skip"):
                     raise DataFormatError(
                         str(e), file=s.source, line=s.line, field=f"labels.{spec.name}"
                     ) from None

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from typing_extensions import override
 
 from idrecog.data.datamodule import IdDataModule
+from idrecog.errors import ConfigError
 
 # Shorthands for the task-query designs: `--model.queries=learned` instead of a class path.
 QUERY_SHORTHANDS = {
@@ -56,6 +57,21 @@ class IdrecogCLI(LightningCLI):
         # Generating a missing synthetic benchmark happens in prepare_data. Here: name W&B runs by design.
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         name_wandb_runs(cfg)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # reliability (docs/reliability.md): SIGTERM saves last.ckpt; checkpoints are written atomically and
+        # read with weights_only=True (a user's own CheckpointIO plug-in is kept)
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        from idrecog.reliability.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # type: ignore[attr-defined]
+            trainer.callbacks.append(PreemptionCheckpoint())  # type: ignore[attr-defined]
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _print_table(self, title: str) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
@@ -143,6 +159,7 @@ def build_cli(argv: list[str], run: bool = True) -> IdrecogCLI:
         save_config_callback=IdrecogSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        parser_kwargs={"exit_on_error": False},  # run_unified turns parse errors into one ConfigError line
         args=expand_shorthands(argv),
         run=run,
     )
@@ -152,11 +169,23 @@ def run_unified(argv: list[str]) -> int:
     """Entry point of ``idrecog fit|validate|test|predict`` (argv starts with the subcommand)."""
     saved = sys.argv
     sys.argv = saved[:1]  # the arguments come in `argv`; LightningCLI would warn about sys.argv too
+    from jsonargparse import ArgumentError
+
     try:
         build_cli(argv)
+    except ArgumentError as e:
+        raise ConfigError(_one_line(str(e))) from e
     finally:
         sys.argv = saved
     return 0
+
+
+def _one_line(text: str) -> str:
+    """jsonargparse's multi-line messages (one line per tried subclass) as one line."""
+    lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
+    return (
+        "; ".join(lines) if len(lines) < 6 else "; ".join(lines[:5]) + f"; ... ({len(lines) - 5} more lines)"
+    )
 
 
 if __name__ == "__main__":
