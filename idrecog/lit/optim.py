@@ -91,7 +91,12 @@ def resolve_warmup(warmup_steps: float, total: float) -> int:
 
 
 def make_adamw(groups: list[dict[str, Any]], lr: float, fused: bool | None) -> torch.optim.AdamW:
-    """AdamW; ``fused=None`` picks the fused CUDA kernel when every parameter is on a CUDA device."""
+    """AdamW; ``fused=None`` picks the fused kernel when every parameter is on a CUDA device or the CPU.
+
+    On CPU the fused kernel is also several times faster than the per-tensor loop (measured ~60 ms vs ~600 ms a
+    step for the default model's ~200 tensors on 2 cores), which matters in the 10-minute default job.
+    """
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        devices = {p.device.type for g in groups for p in g["params"]}
+        fused = bool(devices) and devices <= {"cuda", "cpu"}
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=bool(fused) or None)

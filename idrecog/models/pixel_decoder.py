@@ -2,25 +2,20 @@
 
 Built only when some task type sets ``needs_pixel_features`` (segmentation, MaskFormer style: the task's mask
 embeddings are dotted with these features).
+
+Design: each patch token predicts the features of its (p/4 x p/4) sub-pixels with one linear layer, rearranged by
+pixel shuffle, then a per-pixel MLP widens them to the decoder width (the "linear upsampling" of SETR/ViTDet-style
+simple heads). It is all matrix products: on CPU the stride-4 3x3 convolutions of a conv decoder cost several
+times the whole ViT-Tiny encoder (convolution backward dominated the profile), and global context is already in
+the tokens.
 """
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = ["PixelDecoder"]
-
-
-def _groups(channels: int, max_groups: int = 32) -> int:
-    return math.gcd(channels, max_groups)
-
-
-def _conv_gn_gelu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(_groups(cout), cout), nn.GELU()
-    )
 
 
 class PixelDecoder(nn.Module):
@@ -30,23 +25,32 @@ class PixelDecoder(nn.Module):
         in_dim: encoder width.
         dim: output channels (the task decoder width, so that mask embeddings can be dotted with them).
         grid_size: the patch grid (h, w).
+        hidden_dim: channels per sub-pixel before widening (default ``min(dim, 64)``).
+        upscale: sub-pixels per patch side (4: stride-4 features for patch-16 ViTs).
     """
 
-    def __init__(self, in_dim: int, dim: int, grid_size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        grid_size: tuple[int, int],
+        hidden_dim: int | None = None,
+        upscale: int = 4,
+    ) -> None:
         super().__init__()
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
-        self.stem = _conv_gn_gelu(in_dim, dim, 1)
-        # two x2 stages; bilinear upsampling + 3x3 conv avoids transposed-conv checkerboards
-        self.up = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            _conv_gn_gelu(dim, dim, 3),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            _conv_gn_gelu(dim, dim, 3),
-        )
-        self.out = nn.Conv2d(dim, dim, 1)
+        self.upscale = int(upscale)
+        self.hidden = int(hidden_dim or min(dim, 64))
+        self.norm = nn.LayerNorm(in_dim)
+        self.expand = nn.Linear(in_dim, self.hidden * self.upscale**2)
+        self.mlp = nn.Sequential(nn.LayerNorm(self.hidden), nn.Linear(self.hidden, dim), nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, tokens: Tensor) -> Tensor:
-        b, _, c = tokens.shape
+        b, _, _ = tokens.shape
         h, w = self.grid_size
-        x = tokens.transpose(1, 2).reshape(b, c, h, w)
-        return self.out(self.up(self.stem(x)))
+        r = self.upscale
+        x = self.expand(self.norm(tokens))  # [B, L, C * r * r]
+        x = x.transpose(1, 2).reshape(b, self.hidden * r * r, h, w)
+        x = F.pixel_shuffle(x, r)  # [B, C, r h, r w]
+        x = self.mlp(F.gelu(x.permute(0, 2, 3, 1)))  # per-pixel MLP, channels last
+        return x.permute(0, 3, 1, 2).contiguous()
