@@ -93,6 +93,11 @@ def test_shared_encoder_backbone() -> None:
     assert m.hparams["backbone"] is None and m.hparams["encoder"]["init_args"]["embed_dim"] == 32
     assert m.input_size == (32, 48)
     assert m(torch.randn(2, 3, 64, 96)).shape == (2, len(CAT))  # other sizes are resized
+    # the encoder's blocks get their own (layer-decayed) lr groups; every parameter is optimised once
+    opt = m.configure_optimizers()["optimizer"]
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    assert len({g["lr"] for g in opt.param_groups}) > 1
 
 
 def test_fit_logs_metrics_and_checkpoint_loads_weights_only(trained) -> None:
