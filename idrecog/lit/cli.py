@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from typing_extensions import override
 
 from idrecog.data.datamodule import IdDataModule
-from idrecog.errors import ConfigError
+from idrecog.errors import ConfigError, IdrecogError
 
 # Shorthands for the task-query designs: `--model.queries=learned` instead of a class path.
 QUERY_SHORTHANDS = {
@@ -50,13 +50,50 @@ class IdrecogSaveConfigCallback(SaveConfigCallback):
 class IdrecogCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data", "model.init_args.catalogue", compute_fn=_catalogue_dict, apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.init_args.catalogue", compute_fn=_catalogue_dict, apply_on="instantiate"
+        )
 
     @override
     def before_instantiate_classes(self) -> None:
         # Generating a missing synthetic benchmark happens in prepare_data. Here: name W&B runs by design.
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         name_wandb_runs(cfg)
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path``'s hyper-parameters into the model config, like LightningCLI, but safely.
+
+        The file is read with ``weights_only=True``; an unreadable or code-carrying file is one ConfigError line.
+        UnifiedModule stores plain hparams without ``_class_path``, so the config's class path is used, and the
+        catalogue (a link target, from the data) is left out: ``on_load_checkpoint`` compares it instead.
+        """
+        import pickle
+        from pathlib import Path
+
+        import torch
+
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if not path or not Path(path).is_file():
+            return
+        try:
+            ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            line = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), str(e).splitlines()[0])
+            raise ConfigError(
+                f"{path}: refused to load: the file needs arbitrary code to unpickle (weights_only=True): {line}"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ConfigError(f"{path}: not a readable checkpoint: {str(e).splitlines()[0]}") from None
+        hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None) or self.config[sub].get("model", {}).get("class_path")
+        hparams.pop("catalogue", None)
+        if not hparams or not class_path:
+            return
+        model = {"class_path": class_path, "init_args": hparams}
+        self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -173,11 +210,31 @@ def run_unified(argv: list[str]) -> int:
 
     try:
         build_cli(argv)
-    except ArgumentError as e:
-        raise ConfigError(_one_line(str(e))) from e
+    except IdrecogError:
+        raise
+    except Exception as e:
+        # jsonargparse wraps an error raised while instantiating (e.g. ViTEncoder's unknown-name ConfigError)
+        # in its own ValueError: surface the idrecog error, whose message is the useful one
+        inner = _find_idrecog_error(e)
+        if inner is not None:
+            raise inner from e
+        if isinstance(e, ArgumentError):
+            raise ConfigError(_one_line(str(e))) from e
+        raise
     finally:
         sys.argv = saved
     return 0
+
+
+def _find_idrecog_error(e: BaseException) -> IdrecogError | None:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, IdrecogError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _one_line(text: str) -> str:

@@ -315,11 +315,11 @@ class UnifiedModule(L.LightningModule):
         if "catalogue" not in hp:
             return
         stored = TaskCatalogue.from_dict(_plain(hp["catalogue"]), source="the checkpoint")
-        diff = stored.diff(self.catalogue)
+        diff = stored.diff(TaskCatalogue.from_dict(self.catalogue.to_dict(), source="the data"))
         if diff:
             raise ConfigError(
-                f"the checkpoint's task catalogue differs from the data's ({self.catalogue.source}): "
-                + "; ".join(diff)
+                "the checkpoint was trained on another task catalogue than the data's tasks.yaml "
+                "(catalogue differs): " + "; ".join(diff)
             )
 
     def predict_step(
