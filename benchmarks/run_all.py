@@ -18,9 +18,9 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("synth_speed.py", []),
     ("mae_speed.py", []),
-    ("overhead.py", []),
-    ("scaling.py", []),
-    ("data_pipeline.py", []),
+    ("overhead.py", ["--quick"]),
+    ("scaling.py", ["--quick"]),
+    ("data_pipeline.py", ["--quick"]),
     ("recognition_speed.py", []),
     ("unified_vs_separate.py", ["--quick"]),
 ]

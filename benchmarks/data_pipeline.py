@@ -1,0 +1,158 @@
+"""Data pipeline against the model: samples/s the ``IdDataModule`` delivers (decode, augment, collate, associated
+frames, user features) with 0, 1 and 2 workers and ``cache_images`` off/on, against samples/s the default CPU
+config's model consumes in training, in one run.
+
+    .venv/bin/python benchmarks/data_pipeline.py [--quick | --smoke] [--root data/bench_synth] [--threads 2]
+
+The dataset is the synthetic benchmark at the default size (160 x 256), generated into ``--root`` on first use
+and reused after. Loader rows iterate ``train_dataloader()`` (augmentation on, shuffled) for ``--batches``
+batches after one batch of start-up (worker spawn); cached rows run one epoch first so the cache is warm.
+The model row is a plain training step (forward, losses, backward, AdamW) of lightning_configs/unified.yaml's
+model (tiny ViT depth 6, batch 32) on pre-collated batches. Loader and model rows alternate; medians.
+
+Verdict: the pipeline is the bottleneck when the config's loader (``num_workers`` of unified.yaml) delivers
+fewer samples/s than the model consumes. Workers share the 2 cores with the training step, so the last row
+runs the real thing: training steps fed by the DataModule (``num_workers=1``) against pre-collated batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from idrecog.data.datamodule import IdDataModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import build_module, plain_loss
+
+
+def ensure_dataset(root: Path, train: int, val: int, size: tuple[int, int]) -> Path:
+    if not (root / "tasks.yaml").is_file():
+        from idrecog.synth.generate import generate_dataset
+
+        print(
+            f"[bench] generating the synthetic benchmark into {root} ({train} train, {val} val)", flush=True
+        )
+        generate_dataset(root, train=train, val=val, test=0, height=size[0], width=size[1], workers=2)
+    return root
+
+
+def loader_rate(root: Path, args: argparse.Namespace, workers: int, cache: bool) -> float:
+    dm = IdDataModule(
+        root=str(root),
+        img_size=tuple(args.img_size),
+        batch_size=args.batch,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        cache_images=cache,
+        augment=True,
+    )
+    loader = dm.train_dataloader()
+    if cache:  # warm the cache (per worker copy: persistent workers keep it)
+        for _ in loader:
+            pass
+    it = iter(itertools.cycle(loader) if cache else loader)
+    next(it)  # start-up: worker spawn and the first batch
+    n, t0 = 0, time.perf_counter()
+    for _ in range(args.batches):
+        n += len(next(it)["ids"])
+    return n / (time.perf_counter() - t0)
+
+
+def train_rate(root: Path, args: argparse.Namespace, workers: int | None) -> float:
+    """Training samples/s; ``workers=None``: pre-collated batches in memory, else the DataModule's loader."""
+    module = build_module(tuple(args.img_size), args.depth, 192).train()
+    opt = module.configure_optimizers()["optimizer"]
+    dm = IdDataModule(
+        root=str(root),
+        img_size=tuple(args.img_size),
+        batch_size=args.batch,
+        num_workers=workers or 0,
+        augment=True,
+    )
+    loader = dm.train_dataloader()
+    if workers is None:
+        pre = list(itertools.islice(loader, args.train_steps + 1))
+        it = iter(pre)
+    else:
+        it = iter(loader)
+    n = 0
+    batch = next(it)
+    for i in range(args.train_steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()  # the first step (and worker start-up) is excluded
+        loss = plain_loss(module, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 1:
+            n += batch["image"].shape[0]
+        if i < args.train_steps:
+            batch = next(it)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="data/bench_synth")
+    p.add_argument("--train_samples", type=int, default=256, help="generated train samples (first use)")
+    p.add_argument("--batch", type=int, default=32, help="unified.yaml: 32")
+    p.add_argument("--batches", type=int, default=6)
+    p.add_argument("--train_steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--img_size", type=int, nargs=2, default=[160, 256])
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--config_workers", type=int, default=1, help="num_workers of lightning_configs/unified.yaml"
+    )
+    p.add_argument("--quick", action="store_true", help="4 batches, 3 steps, 1 repeat (~2-3 min on 2 cores)")
+    p.add_argument("--smoke", action="store_true", help="a tiny dataset and model: checks the script works")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.train_steps, args.repeats = 4, 3, 1
+    if args.smoke:
+        args.batch, args.batches, args.train_steps, args.repeats = 2, 2, 1, 1
+        args.img_size, args.depth, args.threads, args.train_samples = [64, 96], 1, 1, 8
+    torch.set_num_threads(args.threads)
+    root = ensure_dataset(Path(args.root), args.train_samples, 8, (args.img_size[0], args.img_size[1]))
+
+    rows = [(w, c) for c in (False, True) for w in (0, 1, 2)]
+    if args.smoke:
+        rows = [(0, False), (1, False)]
+    rates: dict[str, list[float]] = {}
+    for r in range(args.repeats):
+        order = rows if r % 2 == 0 else rows[::-1]
+        for w, c in order:
+            rates.setdefault(f"loader, {w} workers, cache_images={c}", []).append(
+                loader_rate(root, args, w, c)
+            )
+        rates.setdefault("model consumes (pre-collated batches)", []).append(train_rate(root, args, None))
+        rates.setdefault(f"training fed by the loader ({args.config_workers} worker)", []).append(
+            train_rate(root, args, args.config_workers)
+        )
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\nthreads={args.threads} batch={args.batch} img={tuple(args.img_size)} depth={args.depth}")
+    print(f"{args.batches} loader batches, {args.train_steps} train steps, x{args.repeats}\n")
+    print("| what | samples/s (median) |")
+    print("|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.1f} |")
+    model = med["model consumes (pre-collated batches)"]
+    cfg = med[f"loader, {args.config_workers} workers, cache_images=False"]
+    fed = med[f"training fed by the loader ({args.config_workers} worker)"]
+    print(f"\nloader ({args.config_workers} worker) / model consumption: {cfg / model:.2f}x")
+    print(f"training fed by the loader / on pre-collated batches: {fed / model:.2f}x")
+    verdict = "NOT the bottleneck" if cfg >= model and fed / model >= 0.9 else "the BOTTLENECK"
+    print(f"verdict: the data pipeline is {verdict} of the default CPU config")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The CPU benchmark scripts stay runnable: each one's ``--smoke`` path (tiny model, a few steps, a tiny generated
+dataset) runs in-process and prints its table and ratio lines; ``make bench`` lists them with ``--quick``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # data_pipeline imports overhead as a sibling script
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from idrecog.synth.generate import generate_dataset
+
+    root = tmp_path_factory.mktemp("bench") / "synth"
+    return generate_dataset(root, train=8, val=4, test=0, height=64, width=96, workers=1, progress=False)
+
+
+def test_overhead_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("overhead").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| plain |", "| lightning (default config) |", "| lightning (bare) |"):
+        assert row in out
+    assert "ratio to plain" in out
+
+
+def test_scaling_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("scaling").main(["--smoke", "--no_memory"]) == 0
+    out = capsys.readouterr().out
+    assert "| encoder alone |" in out and "cost per added task" in out and "of the encoder's step" in out
+
+
+def test_data_pipeline_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
+    assert _load("data_pipeline").main(["--smoke", "--root", str(synth_root)]) == 0
+    out = capsys.readouterr().out
+    assert "| loader, 1 workers, cache_images=False |" in out and "verdict: the data pipeline is" in out
+
+
+def test_unified_vs_separate_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
+    assert _load("unified_vs_separate").main(["--smoke", "--root", str(synth_root)]) == 0
+    out = capsys.readouterr().out
+    assert "**mean score**" in out and "fewer FLOPs" in out
+    # the unified model answers every task in one pass: fewer FLOPs than the eight single-task models
+    line = next(x for x in out.splitlines() if x.startswith("compute:"))
+    assert float(line.split()[1].rstrip("x")) > 1.0
+
+
+def test_make_bench_lists_every_cpu_script() -> None:
+    run_all = _load("run_all")
+    listed = {script: args for script, args in run_all.BENCHMARKS}
+    for name in ("overhead.py", "scaling.py", "data_pipeline.py", "unified_vs_separate.py"):
+        assert name in listed and (BENCH / name).is_file()
+        assert listed[name] == ["--quick"]
