@@ -175,7 +175,10 @@ def test_sigterm_saves_checkpoint_and_exits_143(tiny_dataset_factory: Any, tmp_p
     assert signal.getsignal(signal.SIGTERM) == before  # Lightning put the handler back
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     # the running (second) batch finished, then the checkpoint: mid-epoch 0, 2 of its 4 batches trained
-    assert ckpt["global_step"] == 2 and ckpt["IdDataModule"]["train_sampler"] == {"epoch": 0, "batches_done": 2}
+    assert ckpt["global_step"] == 2 and ckpt["IdDataModule"]["train_sampler"] == {
+        "epoch": 0,
+        "batches_done": 2,
+    }
     assert not (run / "metrics.json").exists()  # the run did not finish
 
 

@@ -259,7 +259,7 @@ class IdDataModule(L.LightningDataModule):
             return
         if self.on_error == "raise":
             first = res.problems[0]
-            more = f" ({len(res.problems)} problems in {split}.jsonl; `idrecog data check {self.root}` lists them all"
+            more = f" ({len(res.problems)} problem(s) in {split}.jsonl; `idrecog data check {self.root}` lists them all"
             raise DataFormatError(
                 f"{first.message}{more}; data.on_error: skip drops such samples)",
                 file=first.file,

@@ -238,11 +238,15 @@ def _find_idrecog_error(e: BaseException) -> IdrecogError | None:
 
 
 def _one_line(text: str) -> str:
-    """jsonargparse's multi-line messages (one line per tried subclass) as one line."""
-    lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip(" -")]
-    return (
-        "; ".join(lines) if len(lines) < 6 else "; ".join(lines[:5]) + f"; ... ({len(lines) - 5} more lines)"
-    )
+    """jsonargparse's multi-line messages (one line per tried Union subtype) as one short line."""
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes", "Errors")
+    lines = [ln.strip(" -:") for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(noise)]
+    seen: list[str] = []
+    for ln in lines:
+        if ln not in seen:
+            seen.append(ln)
+    return ": ".join(seen[:1]) + (": " + "; ".join(seen[1:4]) if len(seen) > 1 else "")
 
 
 if __name__ == "__main__":
