@@ -7,7 +7,8 @@ the encoder alone (its forward, backward and AdamW step) for the decoder's share
 Step = forward of every task + the same losses as ``UnifiedModule`` + backward + AdamW (a plain loop, so the
 framework's overhead, measured by overhead.py, is left out). Variants alternate in order every repeat; medians
 over the kept steps. Peak memory on CPU: each variant runs once more in a fresh subprocess, which reports its
-``ru_maxrss`` growth over two steps (model built and imports done before): the step's extra resident memory.
+peak ``ru_maxrss`` over two steps minus its resident set before them (Linux ``/proc/self/statm``; model built
+and imports done): the step's extra resident memory, activations, gradients and AdamW state included.
 On CUDA, ``torch.cuda.max_memory_allocated`` would be the figure; this script targets the CPU config.
 Target: each added task costs < 10% of the encoder's step time ((t_all - t_1) / (T - 1) / t_encoder).
 """
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,10 +97,11 @@ def label(v: dict[str, Any]) -> str:
 def memory_child(variant: dict[str, Any], args: argparse.Namespace) -> float:
     """MiB of resident memory two steps add (run in a fresh process)."""
     step = make_step(variant, args)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the current resident set, not ru_maxrss: imports and model building may have peaked higher already
+    before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
     step()
     step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - before
 
 
 def peak_mib(variant: dict[str, Any], argv: list[str]) -> float:
