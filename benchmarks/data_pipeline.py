@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="data/bench_synth")
     p.add_argument("--train_samples", type=int, default=256, help="generated train samples (first use)")
+    p.add_argument(
+        "--val_samples", type=int, default=64, help="as unified_vs_separate.py: one shared dataset"
+    )
     p.add_argument("--batch", type=int, default=32, help="unified.yaml: 32")
     p.add_argument("--batches", type=int, default=6)
     p.add_argument("--train_steps", type=int, default=4)
@@ -119,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         args.batches, args.train_steps, args.repeats = 4, 3, 1
     if args.smoke:
         args.batch, args.batches, args.train_steps, args.repeats = 2, 2, 1, 1
-        args.img_size, args.depth, args.threads, args.train_samples = [64, 96], 1, 1, 8
+        args.img_size, args.depth, args.threads, args.train_samples, args.val_samples = [64, 96], 1, 1, 8, 4
     torch.set_num_threads(args.threads)
-    root = ensure_dataset(Path(args.root), args.train_samples, 8, (args.img_size[0], args.img_size[1]))
+    root = ensure_dataset(
+        Path(args.root), args.train_samples, args.val_samples, (args.img_size[0], args.img_size[1])
+    )
 
     rows = [(w, c) for c in (False, True) for w in (0, 1, 2)]
     if args.smoke:
