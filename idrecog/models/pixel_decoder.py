@@ -4,7 +4,7 @@ Built only when some task type sets ``needs_pixel_features`` (segmentation, Mask
 embeddings are dotted with these features).
 
 Design: each patch token predicts the features of its (p/4 x p/4) sub-pixels with one linear layer, rearranged by
-pixel shuffle, then a per-pixel MLP widens them to the decoder width (the "linear upsampling" of SETR/ViTDet-style
+pixel shuffle, then a per-pixel linear layer widens them to the decoder width (the "linear upsampling" of SETR/ViTDet-style
 simple heads). It is all matrix products: on CPU the stride-4 3x3 convolutions of a conv decoder cost several
 times the whole ViT-Tiny encoder (convolution backward dominated the profile), and global context is already in
 the tokens.
@@ -25,7 +25,8 @@ class PixelDecoder(nn.Module):
         in_dim: encoder width.
         dim: output channels (the task decoder width, so that mask embeddings can be dotted with them).
         grid_size: the patch grid (h, w).
-        hidden_dim: channels per sub-pixel before widening (default ``min(dim, 64)``).
+        hidden_dim: channels per sub-pixel before widening (default ``min(dim, 32)``): the widening runs at
+            stride 4, so its cost is what grows with this width.
         upscale: sub-pixels per patch side (4: stride-4 features for patch-16 ViTs).
     """
 
@@ -40,10 +41,10 @@ class PixelDecoder(nn.Module):
         super().__init__()
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.upscale = int(upscale)
-        self.hidden = int(hidden_dim or min(dim, 64))
+        self.hidden = int(hidden_dim or min(dim, 32))
         self.norm = nn.LayerNorm(in_dim)
         self.expand = nn.Linear(in_dim, self.hidden * self.upscale**2)
-        self.mlp = nn.Sequential(nn.LayerNorm(self.hidden), nn.Linear(self.hidden, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.widen = nn.Sequential(nn.LayerNorm(self.hidden), nn.Linear(self.hidden, dim))
 
     def forward(self, tokens: Tensor) -> Tensor:
         b, _, _ = tokens.shape
@@ -52,5 +53,5 @@ class PixelDecoder(nn.Module):
         x = self.expand(self.norm(tokens))  # [B, L, C * r * r]
         x = x.transpose(1, 2).reshape(b, self.hidden * r * r, h, w)
         x = F.pixel_shuffle(x, r)  # [B, C, r h, r w]
-        x = self.mlp(F.gelu(x.permute(0, 2, 3, 1)))  # per-pixel MLP, channels last
+        x = self.widen(F.gelu(x.permute(0, 2, 3, 1)))  # per pixel, channels last
         return x.permute(0, 3, 1, 2).contiguous()
