@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dec_dim", type=int, default=192)
     p.add_argument("--infer_batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="64 steps per side, batch 8, encoder depth 2")
+    p.add_argument("--quick", action="store_true", help="48 steps per side, batch 8, encoder depth 2")
     p.add_argument("--smoke", action="store_true", help="a tiny setting that only checks the script works")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.batch, args.depth = 64, 8, 2
+        args.steps, args.batch, args.depth = 48, 8, 2
     if args.smoke:
         args.steps, args.batch, args.depth, args.dec_dim, args.infer_batch = 8, 2, 1, 64, 2
         args.img_size, args.seeds, args.threads, args.train_samples, args.val_samples = [64, 96], [0], 1, 8, 4
