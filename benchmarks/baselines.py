@@ -59,8 +59,11 @@ def constant_outputs(spec, stat, b: int, hw: tuple[int, int]) -> dict[str, torch
         n = 16
         logits = torch.full((b, n, spec.num_classes + 1), -10.0)
         logits[..., -1] = 10.0  # every query says "no object"
-        return {"logits": logits, "boxes": torch.full((b, n, 4), 0.5),
-                "image_size": torch.tensor([hw] * b, dtype=torch.long)}
+        return {
+            "logits": logits,
+            "boxes": torch.full((b, n, 4), 0.5),
+            "image_size": torch.tensor([hw] * b, dtype=torch.long),
+        }
     raise NotImplementedError(spec.type)
 
 
@@ -70,7 +73,9 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=["val", "test"])
     ap.add_argument("--img-size", type=int, nargs=2, default=[160, 256])
     args = ap.parse_args()
-    dm = IdDataModule(root=args.root, img_size=tuple(args.img_size), batch_size=64, augment=False, num_workers=0)
+    dm = IdDataModule(
+        root=args.root, img_size=tuple(args.img_size), batch_size=64, augment=False, num_workers=0
+    )
     dm.prepare_data()
     dm.setup("fit")
     stats = train_statistics(dm)
@@ -84,15 +89,21 @@ def main() -> None:
         hw = tuple(batch["image"].shape[-2:])
         for i, spec in enumerate(cat.tasks):
             out = constant_outputs(spec, stats.get(spec.name), b, hw)
-            types[spec.name].update_metrics(metrics[spec.name], out, batch["targets"][spec.name], batch["present"][:, i])
+            types[spec.name].update_metrics(
+                metrics[spec.name], out, batch["targets"][spec.name], batch["present"][:, i]
+            )
     print(f"| task | baseline | {args.split} metrics |")
     print("| --- | --- | --- |")
     for spec in cat.tasks:
         vals = types[spec.name].compute_metrics(metrics[spec.name])
-        what = {"classification": f"majority class ({(spec.classes or ())[int(stats[spec.name])]})",
-                "regression": f"train mean ({types[spec.name].denormalise(float(stats[spec.name])):.3f})",
-                "segmentation": f"every pixel {(spec.classes or ())[int(stats[spec.name])]}",
-                "detection": "no boxes"}[spec.type]
+        if spec.type == "classification":
+            what = f"majority class ({(spec.classes or ())[int(stats[spec.name])]})"
+        elif spec.type == "regression":
+            what = f"train mean ({types[spec.name].denormalise(float(stats[spec.name])):.3f})"
+        elif spec.type == "segmentation":
+            what = f"every pixel {(spec.classes or ())[int(stats[spec.name])]}"
+        else:
+            what = "no boxes"
         shown = ", ".join(f"{k}={float(v):.3f}" for k, v in vals.items())
         print(f"| {spec.name} | {what} | {shown} |")
 

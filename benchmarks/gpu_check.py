@@ -63,11 +63,17 @@ def unified_setup(args, device):
 
     cat = default_catalogue()
     if args.tiny:
-        enc, size, dec = ViTEncoder("vit_tiny_patch16_224", img_size=(64, 96), depth=2), (64, 96), TaskDecoder(dim=64)
+        enc, size, dec = (
+            ViTEncoder("vit_tiny_patch16_224", img_size=(64, 96), depth=2),
+            (64, 96),
+            TaskDecoder(dim=64),
+        )
     else:
         enc, size = ViTEncoder("vit_base_patch16_224", img_size=(224, 352)), (224, 352)
         dec = TaskDecoder(dim=384, depth=4, num_heads=8)
-    module = UnifiedModule(catalogue=cat.to_dict(), encoder=enc, decoder=dec, task_options={"detection": {"num_queries": 32}})
+    module = UnifiedModule(
+        catalogue=cat.to_dict(), encoder=enc, decoder=dec, task_options={"detection": {"num_queries": 32}}
+    )
     model = module.model.to(device)
     batch = make_random_batch(cat, args.unified_batch, size, device=device)
     present = batch["present"]
@@ -139,10 +145,16 @@ def run_one(kind: str, compiled: bool, args, device) -> dict:
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    del model, runner, opt
     return {
-        "job": kind, "compile": compiled, "batch": bsz, "ms_step": per_step * 1e3, "img_s": bsz / per_step,
-        "tflop_step": flops / 1e12, "mfu": mfu, "warmup_s": warm_s, "mem_gib": mem,
+        "job": kind,
+        "compile": compiled,
+        "batch": bsz,
+        "ms_step": per_step * 1e3,
+        "img_s": bsz / per_step,
+        "tflop_step": flops / 1e12,
+        "mfu": mfu,
+        "warmup_s": warm_s,
+        "mem_gib": mem,
     }
 
 
@@ -157,13 +169,17 @@ def main() -> None:
     ap.add_argument("--jobs", default="mae,unified")
     ap.add_argument("--modes", default="eager,compile")
     ap.add_argument("--peak-tflops", type=float, default=None)
-    ap.add_argument("--profile", type=int, default=0, help="print the N most expensive ops of 3 profiled steps")
+    ap.add_argument(
+        "--profile", type=int, default=0, help="print the N most expensive ops of 3 profiled steps"
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, peak {peak_tflops(args.peak_tflops)} TFLOP/s bf16")
+        print(
+            f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, peak {peak_tflops(args.peak_tflops)} TFLOP/s bf16"
+        )
     else:
         print(f"device: cpu, torch {torch.__version__} (MFU not defined)")
     rows = []
@@ -179,8 +195,10 @@ def main() -> None:
     print("\n| job | compile | batch | ms/step | images/s | TFLOP/step | MFU | warm-up s | peak mem GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['job']} | {r['compile']} | {r['batch']} | {r['ms_step']:.1f} | {r['img_s']:.0f} | "
-              f"{r['tflop_step']:.2f} | {r['mfu']:.1%} | {r['warmup_s']:.0f} | {r['mem_gib']:.1f} |")
+        print(
+            f"| {r['job']} | {r['compile']} | {r['batch']} | {r['ms_step']:.1f} | {r['img_s']:.0f} | "
+            f"{r['tflop_step']:.2f} | {r['mfu']:.1%} | {r['warmup_s']:.0f} | {r['mem_gib']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

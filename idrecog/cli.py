@@ -19,11 +19,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("idrecog.lit.cli:run_unified", "validate the unified model (LightningCLI)"),
     "test": ("idrecog.lit.cli:run_unified", "test the unified model (LightningCLI)"),
     "predict": ("idrecog.lit.cli:run_unified", "batch prediction to JSONL (LightningCLI)"),
-    "pretrain": ("idrecog.lit.mae_cli:run_pretrain", "MAE self-supervised pretraining of the encoder (LightningCLI)"),
-    "export-encoder": ("idrecog.lit.mae_cli:export_encoder_main", "write encoder weights in timm format (safetensors)"),
+    "pretrain": (
+        "idrecog.lit.mae_cli:run_pretrain",
+        "MAE self-supervised pretraining of the encoder (LightningCLI)",
+    ),
+    "export-encoder": (
+        "idrecog.lit.mae_cli:export_encoder_main",
+        "write encoder weights in timm format (safetensors)",
+    ),
     "synth": ("idrecog.synth.cli:main", "generate the synthetic identity-document benchmark"),
     "data": ("idrecog.data.cli:main", "dataset tools: `data check DIR`, `data show DIR --out grid.png`"),
-    "recognize": ("idrecog.recognition.cli:recognize_main", "recognise document images: one JSON object per image"),
+    "recognize": (
+        "idrecog.recognition.cli:recognize_main",
+        "recognise document images: one JSON object per image",
+    ),
     "export": ("idrecog.recognition.cli:export_main", "export the multi-task model (ONNX or TorchScript)"),
     "compare": (
         "idrecog.compare:main",

@@ -21,7 +21,12 @@ class DataFormatError(IdrecogError, ValueError):
     """
 
     def __init__(
-        self, message: str, *, file: str | Path | None = None, line: int | None = None, field: str | None = None
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        line: int | None = None,
+        field: str | None = None,
     ) -> None:
         self.message = message
         self.file = str(file) if file is not None else None

@@ -35,8 +35,16 @@ def _good_sample() -> dict:
 
 def test_default_catalogue_round_trips(tmp_path: Path) -> None:
     cat = default_catalogue()
-    assert {"doc_type", "tampering", "visibility", "image_quality", "card_mask", "fields", "hologram",
-            "nationality_match"} <= set(cat.names)
+    assert {
+        "doc_type",
+        "tampering",
+        "visibility",
+        "image_quality",
+        "card_mask",
+        "fields",
+        "hologram",
+        "nationality_match",
+    } <= set(cat.names)
     assert cat["hologram"].uses_frames and cat["nationality_match"].uses_user
     assert "hologram" not in cat.tasks_for("brv_id_card")
     cat.to_yaml(tmp_path / "tasks.yaml")
@@ -130,7 +138,7 @@ _json = st.recursive(
 
 def _sample_like() -> st.SearchStrategy:
     keys = st.sampled_from(["id", "image", "doc_type", "labels", "assoc", "user", "other"])
-    label_keys = st.sampled_from(default_catalogue().names + ["ghost"])
+    label_keys = st.sampled_from([*default_catalogue().names, "ghost"])
     labels = st.dictionaries(label_keys, _json, max_size=6)
     return st.dictionaries(keys, _json | labels, max_size=7)
 
@@ -145,9 +153,24 @@ def test_fuzz_sample_parser(obj) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_json | st.fixed_dictionaries({"tasks": st.lists(st.dictionaries(
-    st.sampled_from(["name", "type", "classes", "range", "query_text", "frames", "uses", "bad"]), _json,
-    max_size=6), max_size=4)}, optional={"doc_types": _json}))
+@given(
+    _json
+    | st.fixed_dictionaries(
+        {
+            "tasks": st.lists(
+                st.dictionaries(
+                    st.sampled_from(
+                        ["name", "type", "classes", "range", "query_text", "frames", "uses", "bad"]
+                    ),
+                    _json,
+                    max_size=6,
+                ),
+                max_size=4,
+            )
+        },
+        optional={"doc_types": _json},
+    )
+)
 def test_fuzz_catalogue_parser(data) -> None:
     try:
         cat = TaskCatalogue.from_dict(data, source="tasks.yaml")

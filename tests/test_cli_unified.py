@@ -68,8 +68,17 @@ def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fit_fast_dev_run(tiny_synth: Path, tmp_path: Path) -> None:
-    code = main(["fit", "--config", str(_config_in(tmp_path)), *TINY, f"--data.root={tiny_synth}",
-                 "--trainer.fast_dev_run=true", "--data.batch_size=4"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(_config_in(tmp_path)),
+            *TINY,
+            f"--data.root={tiny_synth}",
+            "--trainer.fast_dev_run=true",
+            "--data.batch_size=4",
+        ]
+    )
     assert code == 0
 
 
@@ -90,11 +99,21 @@ def _config_in(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_short_training_learns(tiny_synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main([
-        "fit", "--config", str(_config_in(tmp_path)), *TINY, f"--data.root={tiny_synth}",
-        "--trainer.max_epochs=10", "--trainer.log_every_n_steps=1",
-        "--data.batch_size=16", "--data.augment=false", "--model.init_args.warmup_steps=10", "--model.init_args.lr=0.003",
-    ])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(_config_in(tmp_path)),
+            *TINY,
+            f"--data.root={tiny_synth}",
+            "--trainer.max_epochs=10",
+            "--trainer.log_every_n_steps=1",
+            "--data.batch_size=16",
+            "--data.augment=false",
+            "--model.init_args.warmup_steps=10",
+            "--model.init_args.lr=0.003",
+        ]
+    )
     assert code == 0
     rows = _read_metrics(tmp_path)
     train = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]

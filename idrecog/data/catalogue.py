@@ -172,7 +172,9 @@ def load_catalogue(path: str | Path) -> TaskCatalogue:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise DataFormatError(f"not valid YAML: {e}", file=path, line=None if line is None else line + 1) from None
+        raise DataFormatError(
+            f"not valid YAML: {e}", file=path, line=None if line is None else line + 1
+        ) from None
     return _parse(data, str(path))
 
 
@@ -195,7 +197,9 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
         raise _err(source, "<root>", "must be a mapping with a 'tasks' list")
     unknown = set(data) - {"tasks", "doc_types"}
     if unknown:
-        raise _err(source, sorted(unknown)[0], "unknown top-level key; expected 'tasks' and optional 'doc_types'")
+        raise _err(
+            source, sorted(unknown)[0], "unknown top-level key; expected 'tasks' and optional 'doc_types'"
+        )
     raw_tasks = data.get("tasks")
     if not isinstance(raw_tasks, list) or not raw_tasks:
         raise _err(source, "tasks", "must be a non-empty list")
@@ -207,7 +211,9 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
             raise _err(source, fld, "must be a mapping")
         extra = set(t) - _TASK_KEYS
         if extra:
-            raise _err(source, f"{fld}.{sorted(extra)[0]}", f"unknown key; expected one of {sorted(_TASK_KEYS)}")
+            raise _err(
+                source, f"{fld}.{sorted(extra)[0]}", f"unknown key; expected one of {sorted(_TASK_KEYS)}"
+            )
         name = t.get("name")
         if not isinstance(name, str) or not name.isidentifier():
             raise _err(source, f"{fld}.name", f"must be an identifier-like string, got {name!r}")
@@ -218,7 +224,9 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
         ttype = t.get("type")
         if not isinstance(ttype, str) or not is_task_type(ttype):
             raise _err(
-                source, f"{fld}.type", f"unknown task type {ttype!r}; registered: {', '.join(list_task_types())}"
+                source,
+                f"{fld}.type",
+                f"unknown task type {ttype!r}; registered: {', '.join(list_task_types())}",
             )
         frames = t.get("frames", "single")
         if frames not in FRAME_KINDS:
@@ -272,7 +280,9 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
             names = _str_list(names, source, f"doc_types.{dt}")
             for n in names:
                 if n not in seen:
-                    raise _err(source, f"doc_types.{dt}", f"names task {n!r}, which is not defined under 'tasks'")
+                    raise _err(
+                        source, f"doc_types.{dt}", f"names task {n!r}, which is not defined under 'tasks'"
+                    )
             doc_types[str(dt)] = list(names)
     return TaskCatalogue(tasks=tasks, doc_types=doc_types, source=source)
 

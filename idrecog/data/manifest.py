@@ -99,7 +99,9 @@ def parse_sample(
         if not isinstance(doc_type, str):
             raise err("doc_type", f"must be a string or absent, got {doc_type!r}")
         if catalogue.doc_types is not None and doc_type not in catalogue.doc_types:
-            raise err("doc_type", f"unknown doc type {doc_type!r}; the catalogue has {sorted(catalogue.doc_types)}")
+            raise err(
+                "doc_type", f"unknown doc type {doc_type!r}; the catalogue has {sorted(catalogue.doc_types)}"
+            )
     labels = obj.get("labels", {})
     if not isinstance(labels, dict):
         raise err("labels", "must be an object {task name: value or null}")
@@ -135,7 +137,9 @@ def parse_sample(
         if not isinstance(user, dict) or set(user) - {"attributes", "behaviour"}:
             raise err("user", "must be an object with optional keys 'attributes' and 'behaviour'")
         attrs = user.get("attributes") or {}
-        if not isinstance(attrs, dict) or not all(isinstance(v, str | int | bool) or v is None for v in attrs.values()):
+        if not isinstance(attrs, dict) or not all(
+            isinstance(v, str | int | bool) or v is None for v in attrs.values()
+        ):
             raise err("user.attributes", "must be an object of categorical values (strings)")
         beh = user.get("behaviour") or {}
         if not isinstance(beh, dict):
@@ -170,21 +174,29 @@ def iter_manifest(
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                yield DataFormatError(f"not valid JSON: {e.msg} (column {e.colno})", file=path, line=i, field="<line>")
+                yield DataFormatError(
+                    f"not valid JSON: {e.msg} (column {e.colno})", file=path, line=i, field="<line>"
+                )
                 continue
             try:
-                s = parse_sample(obj, catalogue, source=str(path), line=i, allow_external_paths=allow_external_paths)
+                s = parse_sample(
+                    obj, catalogue, source=str(path), line=i, allow_external_paths=allow_external_paths
+                )
             except DataFormatError as e:
                 yield e
                 continue
             if s.id in seen:
-                yield DataFormatError(f"duplicate id {s.id!r} (first on line {seen[s.id]})", file=path, line=i, field="id")
+                yield DataFormatError(
+                    f"duplicate id {s.id!r} (first on line {seen[s.id]})", file=path, line=i, field="id"
+                )
                 continue
             seen[s.id] = i
             yield s
 
 
-def read_manifest(path: str | Path, catalogue: TaskCatalogue, *, allow_external_paths: bool = False) -> list[Sample]:
+def read_manifest(
+    path: str | Path, catalogue: TaskCatalogue, *, allow_external_paths: bool = False
+) -> list[Sample]:
     """Read a whole manifest; the first malformed line raises ``DataFormatError``."""
     path = Path(path)
     if not path.is_file():

@@ -91,7 +91,9 @@ class ViTEncoder(nn.Module):
                 raise ConfigError(f"encoder {name!r} is not a plain Vision Transformer (no {attr!r})")
         p = self.patch_size
         if self.img_size[0] % p or self.img_size[1] % p:
-            raise ConfigError(f"img_size {self.img_size} must be a multiple of the patch size {p} in both H and W")
+            raise ConfigError(
+                f"img_size {self.img_size} must be a multiple of the patch size {p} in both H and W"
+            )
         if init_from:
             self.load_pretrained(init_from)
 
@@ -163,14 +165,18 @@ class ViTEncoder(nn.Module):
         """Weights in timm's own key format (what ``timm.create_model(name, pretrained_cfg_overlay=...)`` loads)."""
         return {k: v.detach().clone() for k, v in self.vit.state_dict().items()}
 
-    def load_pretrained(self, path: str | Path, grid_size: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    def load_pretrained(
+        self, path: str | Path, grid_size: tuple[int, int] | None = None
+    ) -> tuple[list[str], list[str]]:
         """Load weights from ``path`` (see class doc). Returns (missing, unexpected) keys, also logged."""
         from idrecog.utils.checkpoint import load_weights_file
 
         state, meta = load_weights_file(path)
         state = extract_timm_state(state)
         if not state:
-            raise ConfigError(f"{path}: no encoder weights found (expected timm ViT keys such as 'blocks.0.attn.qkv.weight')")
+            raise ConfigError(
+                f"{path}: no encoder weights found (expected timm ViT keys such as 'blocks.0.attn.qkv.weight')"
+            )
         old_grid = grid_size or _grid_from_meta(meta)
         if "pos_embed" in state:
             state["pos_embed"] = self._resample_pos_embed(state["pos_embed"], old_grid, path)
@@ -178,8 +184,10 @@ class ViTEncoder(nn.Module):
         # heads are not part of the encoder
         unexpected = [k for k in unexpected if not k.startswith(("head.", "fc_norm."))]
         missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
-        print(f"[idrecog] encoder weights from {path}: {len(state)} tensors, missing {missing or 'none'}, "
-              f"unexpected {unexpected or 'none'}")
+        print(
+            f"[idrecog] encoder weights from {path}: {len(state)} tensors, missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'}"
+        )
         return list(missing), list(unexpected)
 
     def _resample_pos_embed(self, pos: Tensor, old_grid: tuple[int, int] | None, path: Any) -> Tensor:
@@ -189,7 +197,7 @@ class ViTEncoder(nn.Module):
         npt = 0 if self.vit.no_embed_class else self.num_prefix_tokens
         n_old = pos.shape[1] - npt
         if old_grid is None:
-            side = int(math.isqrt(n_old))
+            side = math.isqrt(n_old)
             if side * side != n_old:
                 raise ConfigError(
                     f"{path}: pos_embed has {n_old} patch positions, which is not a square grid; "
@@ -197,7 +205,9 @@ class ViTEncoder(nn.Module):
                 )
             old_grid = (side, side)
         print(f"[idrecog] resampling position embeddings from grid {tuple(old_grid)} to {self.grid_size}")
-        return resample_abs_pos_embed(pos, new_size=list(self.grid_size), old_size=list(old_grid), num_prefix_tokens=npt)
+        return resample_abs_pos_embed(
+            pos, new_size=list(self.grid_size), old_size=list(old_grid), num_prefix_tokens=npt
+        )
 
 
 def extract_timm_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
