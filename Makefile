@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install idrecog with every extra
 
-run: install ## train the unified model on the synthetic benchmark (generated on first use) and print the table
+run: install ## train the unified model on the synthetic benchmark (generated on first use), print the table, draw samples
 	$(BIN)/idrecog fit --config lightning_configs/unified.yaml
+	$(BIN)/idrecog data show data/synthetic --split val --n 16 --out runs/unified/synthetic_samples.png
 
 test: install ## run the test suite (what CI runs)
 	$(BIN)/python -m pytest -q -rs
