@@ -28,7 +28,7 @@ run: install ## train the unified model on the synthetic benchmark (generated on
 	$(BIN)/idrecog data show data/synthetic --split val --n 16 --out runs/unified/synthetic_samples.png
 
 test: install ## run the test suite (what CI runs)
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: install ## the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow"

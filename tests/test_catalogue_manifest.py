@@ -143,7 +143,7 @@ def _sample_like() -> st.SearchStrategy:
     return st.dictionaries(keys, _json | labels, max_size=7)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_json | _sample_like())
 def test_fuzz_sample_parser(obj) -> None:
     try:
@@ -152,7 +152,7 @@ def test_fuzz_sample_parser(obj) -> None:
         assert e.file == "f.jsonl" and e.line == 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     _json
     | st.fixed_dictionaries(
