@@ -8,7 +8,7 @@ The dataset is the synthetic benchmark at the default size (160 x 256), generate
 and reused after. Loader rows iterate ``train_dataloader()`` (augmentation on, shuffled) for ``--batches``
 batches after one batch of start-up (worker spawn); cached rows run one epoch first so the cache is warm.
 The model row is a plain training step (forward, losses, backward, AdamW) of lightning_configs/unified.yaml's
-model (tiny ViT depth 6, batch 32) on pre-collated batches. Loader and model rows alternate; medians.
+model (tiny ViT depth 4, decoder 128, batch 32: the default config) on pre-collated batches. Loader and model rows alternate; medians.
 
 Verdict: the pipeline is the bottleneck when the config's loader (``num_workers`` of unified.yaml) delivers
 fewer samples/s than the model consumes. Workers share the 2 cores with the training step, so the last row
@@ -67,7 +67,7 @@ def loader_rate(root: Path, args: argparse.Namespace, workers: int, cache: bool)
 
 def train_rate(root: Path, args: argparse.Namespace, workers: int | None) -> float:
     """Training samples/s; ``workers=None``: pre-collated batches in memory, else the DataModule's loader."""
-    module = build_module(tuple(args.img_size), args.depth, 192).train()
+    module = build_module(tuple(args.img_size), args.depth, args.dec_dim).train()
     opt = module.configure_optimizers()["optimizer"]
     dm = IdDataModule(
         root=str(root),
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--img_size", type=int, nargs=2, default=[160, 256])
-    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--dec_dim", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--config_workers", type=int, default=1, help="num_workers of lightning_configs/unified.yaml"

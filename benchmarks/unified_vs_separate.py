@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--img_size", type=int, nargs=2, default=[160, 256])
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--dec_dim", type=int, default=192)
+    p.add_argument("--dec_dim", type=int, default=128)
     p.add_argument("--infer_batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="48 steps per side, batch 8, encoder depth 2")
