@@ -28,7 +28,8 @@ class RecognitionRequest:
     doc_type: str | None = None
 
 
-DOC_TYPE_GIVEN, CLASSIFIER, ALL = "doc_type given", "classifier", "all"
+# "doc_type predicted": the unified model's own doc_type head chose the doc type (no task classifier configured)
+DOC_TYPE_GIVEN, CLASSIFIER, ALL = "doc_type given", "doc_type predicted", "all"
 TASK_CLASSIFIER = "task classifier"
 
 
