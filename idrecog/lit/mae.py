@@ -8,7 +8,6 @@ The autoencoder sits at ``model`` (as in the unified LightningModule), so the en
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor
 
 from idrecog.errors import ConfigError
+from idrecog.lit.optim import WarmupCosine, make_adamw, warmup_cosine_schedule
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.mae import MaskedAutoencoder
 
@@ -63,12 +63,9 @@ def build_encoder(config: ViTEncoder | Mapping[str, Any] | None) -> ViTEncoder:
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then half-cosine down to ``min_ratio`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(1.0, max(0.0, progress))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """LR multiplier: linear warm-up over ``warmup_steps``, then half-cosine down to ``min_ratio`` at ``total_steps``
+    (the unified model's :class:`~idrecog.lit.optim.WarmupCosine`, as a function)."""
+    return WarmupCosine(warmup_steps, total_steps, min_ratio)(step)
 
 
 class MAEPretrainModule(LightningModule):
@@ -190,9 +187,9 @@ class MAEPretrainModule(LightningModule):
         fused = hp.fused_adamw
         if fused is None:
             fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(hp.betas), fused=bool(fused))
+        opt = make_adamw(groups, self.lr, bool(fused), betas=tuple(hp.betas))
         min_ratio = float(hp.min_lr) / self.lr if self.lr > 0 else 0.0
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, warmup_steps, total, min(1.0, min_ratio))
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": warmup_cosine_schedule(opt, warmup_steps, total, min(1.0, min_ratio)),
+        }

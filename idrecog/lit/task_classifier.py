@@ -25,7 +25,7 @@ from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from idrecog.data.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
 from idrecog.errors import ConfigError
-from idrecog.lit.optim import WarmupCosine, build_param_groups, make_adamw, resolve_warmup
+from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.queries import module_key
 from idrecog.models.unified import module_config, module_from_config
@@ -292,8 +292,7 @@ class TaskClassifierModule(L.LightningModule):
         if self._trainer is not None:
             total = float(self.trainer.estimated_stepping_batches)
         warmup = resolve_warmup(float(hp.warmup_steps), total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine_schedule(opt, warmup, total, hp.min_lr_ratio)}
 
 
 def load_task_classifier(
