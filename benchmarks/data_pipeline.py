@@ -30,17 +30,7 @@ from idrecog.data.datamodule import IdDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import build_module, plain_loss
-
-
-def ensure_dataset(root: Path, train: int, val: int, size: tuple[int, int]) -> Path:
-    if not (root / "tasks.yaml").is_file():
-        from idrecog.synth.generate import generate_dataset
-
-        print(
-            f"[bench] generating the synthetic benchmark into {root} ({train} train, {val} val)", flush=True
-        )
-        generate_dataset(root, train=train, val=val, test=0, height=size[0], width=size[1], workers=2)
-    return root
+from unified_vs_separate import ensure_dataset
 
 
 def loader_rate(root: Path, args: argparse.Namespace, workers: int, cache: bool) -> float:

@@ -33,7 +33,7 @@ from idrecog.data.catalogue import default_catalogue
 from idrecog.lit.unified import UnifiedModule
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.encoder import ViTEncoder
-from idrecog.testing import make_random_batch
+from idrecog.testing import make_random_batch, precollated_loader
 
 
 def build_module(img_size: tuple[int, int], depth: int, dec_dim: int, seed: int = 0) -> UnifiedModule:
@@ -92,24 +92,9 @@ class StepTimer(L.Callback):
         return [b - a for a, b in itertools.pairwise(self.ends)]
 
 
-class _Batches(torch.utils.data.Dataset):
-    def __init__(self, batches: list[dict[str, Any]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.batches[i]
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
 def time_lightning(module: UnifiedModule, batches: list[dict[str, Any]], default_config: bool) -> list[float]:
     timer = StepTimer()
-    loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, collate_fn=_identity)
+    loader = precollated_loader(batches)
     with tempfile.TemporaryDirectory() as tmp:
         if default_config:  # lightning_configs/unified.yaml's trainer section, checkpointing aside
             extra: dict[str, Any] = {

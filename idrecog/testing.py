@@ -8,6 +8,29 @@ from torch import Tensor
 from idrecog.data.catalogue import TaskCatalogue
 
 
+class PrecollatedBatches(torch.utils.data.Dataset):
+    """A list of ready batches served as a dataset (use with ``batch_size=None``), to time or test the model
+    without the data pipeline."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+
+def _identity(x: dict) -> dict:
+    return x
+
+
+def precollated_loader(batches: list[dict]) -> torch.utils.data.DataLoader:
+    """A DataLoader that yields ``batches`` as they are (picklable, so worker processes work too)."""
+    return torch.utils.data.DataLoader(PrecollatedBatches(batches), batch_size=None, collate_fn=_identity)
+
+
 def make_random_batch(
     catalogue: TaskCatalogue,
     batch_size: int,

@@ -16,6 +16,7 @@ from idrecog.errors import ConfigError
 from idrecog.lit.balancing import create_balancer, list_balancers
 from idrecog.lit.optim import WarmupCosine, resolve_warmup
 from idrecog.lit.unified import UnifiedModule, format_metrics_table, load_unified, score_of
+from idrecog.testing import precollated_loader
 from tests.test_model_fakes import IMG, fake_batch, fake_catalogue, tiny_parts
 
 
@@ -24,19 +25,8 @@ def _module(**kwargs: Any) -> UnifiedModule:
     return UnifiedModule(catalogue=fake_catalogue().to_dict(), **tiny_parts(), **kwargs)
 
 
-class _Batches(torch.utils.data.Dataset):
-    def __init__(self, batches: list[dict[str, Any]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.batches[i]
-
-
 def _loader(batches: list[dict[str, Any]]) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(_Batches(batches), batch_size=None, collate_fn=lambda x: x)
+    return precollated_loader(batches)
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
