@@ -74,16 +74,11 @@ def unified_setup(args, device):
     module = UnifiedModule(
         catalogue=cat.to_dict(), encoder=enc, decoder=dec, task_options={"detection": {"num_queries": 32}}
     )
-    model = module.model.to(device)
+    model = module.to(device).model  # the balancer (in compute_losses) moves with it
     batch = make_random_batch(cat, args.unified_batch, size, device=device)
-    present = batch["present"]
 
     def loss_fn(m):
-        out = m(batch["image"], batch=batch)
-        total = 0.0
-        for i, t in enumerate(cat.names):
-            total = total + module.task_types[t].loss(out["outputs"][t], batch["targets"][t], present[:, i])
-        return total + 0.1 * m.interpreter.gate_loss(out["gate_logits"])
+        return module.compute_losses(m(batch["image"], batch=batch), batch)[0]
 
     return model, loss_fn, args.unified_batch
 

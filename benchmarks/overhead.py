@@ -53,13 +53,7 @@ def build_module(img_size: tuple[int, int], depth: int, dec_dim: int, seed: int 
 def plain_loss(module: UnifiedModule, batch: dict[str, Any]) -> torch.Tensor:
     """What ``UnifiedModule._shared_step`` computes for the gradient, without logging or meters."""
     out = module.model(batch["image"], batch=batch, route="known")
-    present = batch["present"].bool()
-    losses = [
-        module.task_types[t].loss(out["outputs"][t], batch["targets"][t], present[:, i]).float().reshape(())
-        for i, t in enumerate(module.task_names)
-    ]
-    total, _ = module.balancer(torch.stack(losses), present.any(dim=0))
-    return total + module.hparams.gate_loss_weight * module.model.interpreter.gate_loss(out["gate_logits"])
+    return module.compute_losses(out, batch)[0]
 
 
 def time_plain(module: UnifiedModule, batches: list[dict[str, Any]]) -> list[float]:

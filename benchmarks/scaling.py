@@ -67,16 +67,10 @@ def make_step(variant: dict[str, Any], args: argparse.Namespace):
             return enc(batch["image"]).float().pow(2).mean()
     else:
         opt = make_adamw([{"params": list(module.parameters())}], 1e-4, False)
-        present = batch["present"].bool()
 
         def loss_fn() -> torch.Tensor:
             out = module.model(batch["image"], batch=batch, route="known")
-            losses = [
-                module.task_types[t].loss(out["outputs"][t], batch["targets"][t], present[:, i]).reshape(())
-                for i, t in enumerate(module.task_names)
-            ]
-            total, _ = module.balancer(torch.stack(losses), present.any(dim=0))
-            return total + 0.1 * module.model.interpreter.gate_loss(out["gate_logits"])
+            return module.compute_losses(out, batch)[0]
 
     def step() -> None:
         loss = loss_fn()

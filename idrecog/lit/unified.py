@@ -219,6 +219,28 @@ class UnifiedModule(L.LightningModule):
             self._compiled = True
 
     # ------------------------------------------------------------------ steps
+    def compute_losses(
+        self, out: dict[str, Any], batch: dict[str, Any]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The training objective of a forward output ``out`` (``UnifiedModel.forward`` with route "known").
+
+        Returns (loss [], per-task losses [T] masked by ``batch["present"]``, balancing weights [T], gate loss []).
+        Benchmarks call it too, so that what they time is what training optimises.
+        """
+        present: Tensor = batch["present"].to(batch["image"].device).bool()  # [B, T]
+        loss_vec = torch.stack(
+            [
+                self.task_types[task]
+                .loss(out["outputs"][task], batch["targets"][task], present[:, i])
+                .float()
+                .reshape(())
+                for i, task in enumerate(self.task_names)
+            ]
+        )  # [T]
+        total, weights = self.balancer(loss_vec, present.any(dim=0))
+        gate_loss = self.model.interpreter.gate_loss(out["gate_logits"])
+        return total + self.hparams.gate_loss_weight * gate_loss, loss_vec, weights, gate_loss
+
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
         if "image" not in batch:  # every sample of the batch was dropped (data.on_error: skip)
             return None
@@ -226,16 +248,7 @@ class UnifiedModule(L.LightningModule):
         b = images.shape[0]
         out = self.model(images, batch=batch, route="known")
         present: Tensor = batch["present"].to(images.device).bool()  # [B, T]
-        losses = []
-        for i, task in enumerate(self.task_names):
-            tt = self.task_types[task]
-            loss = tt.loss(out["outputs"][task], batch["targets"][task], present[:, i])
-            losses.append(loss.float().reshape(()))
-        loss_vec = torch.stack(losses)  # [T]
-        task_present = present.any(dim=0)  # [T]
-        total, weights = self.balancer(loss_vec, task_present)
-        gate_loss = self.model.interpreter.gate_loss(out["gate_logits"])
-        loss = total + self.hparams.gate_loss_weight * gate_loss
+        loss, loss_vec, weights, gate_loss = self.compute_losses(out, batch)
         if stage == "train" and not self._check_finite(loss, loss_vec, gate_loss):
             return None  # Lightning skips backward and the optimiser step; nothing non-finite is logged
         for i, task in enumerate(self.task_names):
