@@ -125,3 +125,17 @@ def test_short_training_learns(tiny_synth: Path, tmp_path: Path, capsys: pytest.
     out = capsys.readouterr().out
     assert "validation metrics" in out and "doc_type" in out  # the per-task table is printed
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_query_design_shorthands_expand() -> None:
+    from idrecog.lit.cli import QUERY_SHORTHANDS, expand_shorthands
+
+    argv = ["fit", "--model.queries=text", "--model.queries", "multimodal", "--data.root", "learned"]
+    assert expand_shorthands(argv) == [
+        "fit",
+        f"--model.queries={QUERY_SHORTHANDS['text']}",
+        "--model.queries",
+        QUERY_SHORTHANDS["multimodal"],
+        "--data.root",
+        "learned",  # only the value of --model.queries is a design name
+    ]

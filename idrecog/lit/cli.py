@@ -174,17 +174,13 @@ def name_wandb_runs(cfg: Any) -> None:
 def expand_shorthands(argv: list[str]) -> list[str]:
     """Rewrite ``--model.queries=learned|text|multimodal`` to the provider's class path."""
     out = []
-    it = iter(range(len(argv)))
-    for i in it:
-        a = argv[i]
+    for i, a in enumerate(argv):
         if a.startswith("--model.queries="):
             key, val = a.split("=", 1)
-            out.append(f"{key}={QUERY_SHORTHANDS.get(val, val)}")
-        elif a == "--model.queries" and i + 1 < len(argv):
-            out += [a, QUERY_SHORTHANDS.get(argv[i + 1], argv[i + 1])]
-            next(it, None)
-        else:
-            out.append(a)
+            a = f"{key}={QUERY_SHORTHANDS.get(val, val)}"
+        elif i and argv[i - 1] == "--model.queries":  # the value of the two-word form
+            a = QUERY_SHORTHANDS.get(a, a)
+        out.append(a)
     return out
 
 
