@@ -26,7 +26,7 @@ from idrecog.models.mae import MaskedAutoencoder, default_decoder_size
 
 MODELS = {
     # the default encoder (lightning_configs/pretrain_mae.yaml and unified.yaml)
-    "tiny": {"name": "vit_tiny_patch16_224", "depth": 6},
+    "tiny": {"name": "vit_tiny_patch16_224", "depth": 4},
     "small": {"name": "vit_small_patch16_224", "depth": None},
     "base": {"name": "vit_base_patch16_224", "depth": None},
 }

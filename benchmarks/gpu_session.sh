@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The project's one prepared GPU session (about 8 minutes on one H100; see docs/benchmarks.md "GPU").
+#
+#   bash benchmarks/gpu_session.sh [OUT_DIR]      # on a GPU machine, from the repository root
+#
+# Phase 0 (CPU, in the background): generate the default synthetic benchmark (data/synthetic, same bytes as the
+#   CPU machine's: same seed, DejaVu fonts from .gpufonts/ when the system has none).
+# Phase A (GPU alone, timings): benchmarks/gpu_check.py (MFU of MAE and unified ViT-B/16, attention backend
+#   picked by measurement, torch.compile) and benchmarks/mae_speed.py (visible-only vs all-patches encoder).
+# Phase B (GPU shared by four small jobs, quality; throughput figures here are not timings):
+#   the default config trained for longer (#3), MAE transfer (#4), query designs (#5), task resolution (#6).
+# Every job runs under its own `timeout`, so one failure or overrun cannot take the others' results with it.
+# Logs and result files are packed into OUT_DIR/results.tgz; OUT_DIR/summary.md holds the tables.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-runs/gpu_session_out}}
+LOGS=runs/gpu_session/logs
+DATA=data/synthetic
+if [ "${SMOKE:-0}" = 1 ]; then DATA=data/gpu_smoke; rm -rf data/gpu_smoke runs/gpu_session runs/gpu_unified; fi
+mkdir -p "$OUT_DIR" $LOGS
+T0=$(date +%s)
+elapsed() { echo $(($(date +%s) - T0)); }
+say() { echo "[$(elapsed)s] $*" | tee -a $LOGS/session.log; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+if [ -d .gpufonts ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  mkdir -p /usr/share/fonts/truetype/dejavu && cp .gpufonts/*.ttf /usr/share/fonts/truetype/dejavu/
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+PY=python3
+# SMOKE=1: the same script on a CPU with tiny settings, to check it before spending GPU time
+if [ "${SMOKE:-0}" = 1 ]; then
+  PY=${PY_SMOKE:-.venv/bin/python}; ACC=cpu; PREC=32-true; B=150; N=${N_SMOKE:-120}; FIT_TIME=00:00:00:40
+  GPU_CHECK="--tiny --mae-batch 4 --unified-batch 2 --warmup 1 --steps 1 --repeats 1 --modes eager"
+  MAE_SPEED="--device cpu --batch_size 4 --repeats 1 --warmup 1 --models tiny --decoder_depths 1"
+  SYNTH_N="--train $N --val 40 --test 40"; WORKERS=1
+else
+  ACC=gpu; PREC=bf16-mixed; B=300; FIT_TIME=00:00:03:40
+  GPU_CHECK="--modes compile --mae-batch 512 --unified-batch 192 --warmup 3 --steps 10 --repeats 3"
+  MAE_SPEED="--device cuda --amp --batch_size 256 --repeats 5 --warmup 2 --models tiny,small,base --decoder_depths 1,4,8"
+  SYNTH_N="--train 2000 --val 300 --test 300"; WORKERS=5
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a $LOGS/session.log
+$PY -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)" | tee -a $LOGS/session.log
+
+# ---------------------------------------------------------------- phase 0: data (CPU)
+say "phase 0: synth"
+( timeout 240 $PY -m idrecog.cli synth --out $DATA $SYNTH_N --seed 0 --workers 8 --no-progress >$LOGS/synth.log 2>&1; echo "synth rc=$?" >>$LOGS/synth.log ) &
+SYNTH=$!
+
+# ---------------------------------------------------------------- phase A: timings, GPU alone
+say "phase A: gpu_check"
+timeout 200 $PY benchmarks/gpu_check.py $GPU_CHECK >$LOGS/gpu_check.log 2>&1
+say "gpu_check rc=$?"
+say "phase A: mae_speed"
+timeout 90 $PY benchmarks/mae_speed.py $MAE_SPEED >$LOGS/mae_speed.log 2>&1
+say "mae_speed rc=$?"
+wait $SYNTH
+say "$(tail -1 $LOGS/synth.log)"
+cat $DATA/*.jsonl | sha256sum | sed 's/^/manifest sha256 /' | tee -a $LOGS/session.log
+
+# ---------------------------------------------------------------- phase B: quality, four jobs share the GPU
+say "phase B"
+(
+  sed 's#runs/unified#runs/gpu_unified#g' lightning_configs/unified.yaml >runs/gpu_session/unified_gpu.yaml
+  timeout $((B - 40)) $PY -m idrecog.cli fit --config runs/gpu_session/unified_gpu.yaml --data.root $DATA \
+    --trainer.accelerator $ACC --trainer.precision $PREC --trainer.max_time $FIT_TIME --trainer.max_epochs 100 \
+    --trainer.enable_progress_bar false --data.num_workers $WORKERS --data.pin_memory true \
+    --data.persistent_workers true
+  echo "fit rc=$?"
+  timeout 35 $PY -m idrecog.cli test --config runs/gpu_session/unified_gpu.yaml --data.root $DATA \
+    --trainer.accelerator $ACC --trainer.precision $PREC --trainer.enable_progress_bar false \
+    --data.num_workers $WORKERS \
+    --ckpt_path runs/gpu_unified/checkpoints/best.ckpt
+  echo "test rc=$?"
+) >$LOGS/unified_long.log 2>&1 &
+# @@HELPER_JOBS@@
+wait
+say "phase B done"
+
+# ---------------------------------------------------------------- results
+cp -r runs/gpu_unified/lightning_logs $LOGS/gpu_unified_logs 2>/dev/null
+{
+  echo "# GPU session $(date -u +%FT%TZ)"
+  for f in session gpu_check mae_speed; do echo "## $f"; grep -E '^\||rc=|attention|sdpa|FAILED|ratio|Error' $LOGS/$f.log; done
+  for f in $LOGS/*.log; do echo "## tail $f"; tail -25 "$f"; done
+} >"$OUT_DIR/summary.md" 2>&1
+tar czf "$OUT_DIR/results.tgz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='tiny_bert' -C runs gpu_session
+say "done"
