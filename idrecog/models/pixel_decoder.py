@@ -46,12 +46,22 @@ class PixelDecoder(nn.Module):
         self.expand = nn.Linear(in_dim, self.hidden * self.upscale**2)
         self.widen = nn.Sequential(nn.LayerNorm(self.hidden), nn.Linear(self.hidden, dim))
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    @property
+    def proj(self) -> nn.Linear:
+        """The last, widening layer (hidden -> dim), applied per pixel."""
+        return self.widen[1]
+
+    def forward_hidden(self, tokens: Tensor) -> Tensor:
+        """tokens: [B, L, in_dim] -> narrow normalised features [B, 4h, 4w, hidden] (channels last), before
+        :attr:`proj`. Heads fold ``proj`` into their embeddings (``HeadContext.dot_pixels``)."""
         b, _, _ = tokens.shape
         h, w = self.grid_size
         r = self.upscale
         x = self.expand(self.norm(tokens))  # [B, L, C * r * r]
         x = x.transpose(1, 2).reshape(b, self.hidden * r * r, h, w)
         x = F.pixel_shuffle(x, r)  # [B, C, r h, r w]
-        x = self.widen(F.gelu(x.permute(0, 2, 3, 1)))  # per pixel, channels last
-        return x.permute(0, 3, 1, 2).contiguous()
+        return self.widen[0](F.gelu(x.permute(0, 2, 3, 1)))  # per pixel, channels last
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens: [B, L, in_dim] -> [B, dim, 4h, 4w]."""
+        return self.proj(self.forward_hidden(tokens)).permute(0, 3, 1, 2).contiguous()

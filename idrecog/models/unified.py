@@ -4,7 +4,7 @@
 
     images [B, 3, H, W]
       -> ViTEncoder                       tokens  [B, L, E]      (L = H/p * W/p)
-      -> PixelDecoder (if a task needs)   pixels  [B, D, H/4, W/4]
+      -> PixelDecoder (if a task needs)   pixels  [B, H/4, W/4, C] (heads: HeadContext.dot_pixels)
       -> TaskQueryProvider(tasks)         queries [B, Q, D]      (Q = sum of the tasks' query counts)
       -> TaskDecoder(queries, tokens)     feats   [B, Q, D]      (one pass for every requested task)
       -> split per task                   {task: [B, Q_t, D]}
@@ -168,13 +168,18 @@ class UnifiedModel(nn.Module):
                 raise ConfigError(f"unknown task {t!r}; the model has: {', '.join(self.catalogue.names)}")
         b = images.shape[0]
         tokens = self.encoder(images)  # [B, L, E]
-        pixel_feats = None
+        pixel_hidden = None
         if self.pixel_decoder is not None and any(t in self.pixel_tasks for t in tasks):
-            pixel_feats = self.pixel_decoder(tokens)  # [B, D, H/4, W/4]
+            pixel_hidden = self.pixel_decoder.forward_hidden(tokens)  # [B, H/4, W/4, C], C << D
         slices = self.task_slices(tasks)
         q = self.queries(tasks, b, batch)  # [B, Q, D]
         feats = self.decoder(q, tokens, slices)  # [B, Q, D]
         task_feats = {t: feats[:, s] for t, s in slices.items()}
-        ctx = HeadContext(pixel_feats=pixel_feats, image_size=(int(images.shape[-2]), int(images.shape[-1])))
+        ctx = HeadContext(
+            pixel_feats=None,
+            image_size=(int(images.shape[-2]), int(images.shape[-1])),
+            pixel_hidden=pixel_hidden,
+            pixel_proj=self.pixel_decoder.proj if pixel_hidden is not None else None,
+        )
         outputs, gate_logits, routed = self.interpreter(task_feats, ctx, route)
         return {"outputs": outputs, "gate_logits": gate_logits, "routed": routed, "task_feats": task_feats}

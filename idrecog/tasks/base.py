@@ -19,7 +19,6 @@ placeholders (-1, NaN, all-255 masks, None) and must never reach a loss or a met
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,16 +29,49 @@ from torchmetrics import MetricCollection
 from idrecog.data.catalogue import TaskSpec
 
 
-@dataclass
 class HeadContext:
     """What an output unit may read besides its task features.
 
-    pixel_feats: [B, C, H/4, W/4] from the pixel decoder, or None when no task needs it.
+    pixel_feats: [B, D, H/4, W/4] from the pixel decoder, or None when no task needs it.
     image_size: (H, W) of the network input.
+    pixel_hidden / pixel_proj: the pixel decoder's narrow per-pixel features [B, H/4, W/4, C] (channels last) and
+        its last linear layer (C -> D), from which ``pixel_feats`` is computed on first access. Heads that only
+        dot embeddings with the pixel features should call :meth:`dot_pixels`, which folds the layer into the
+        embeddings and never builds the D-wide map (on CPU that map cost more than the ViT-Tiny encoder's blocks
+        at inference).
     """
 
-    pixel_feats: Tensor | None
-    image_size: tuple[int, int]
+    def __init__(
+        self,
+        pixel_feats: Tensor | None,
+        image_size: tuple[int, int],
+        pixel_hidden: Tensor | None = None,
+        pixel_proj: nn.Linear | None = None,
+    ) -> None:
+        self._pixel_feats = pixel_feats
+        self.image_size = image_size
+        self.pixel_hidden = pixel_hidden
+        self.pixel_proj = pixel_proj
+
+    @property
+    def pixel_feats(self) -> Tensor | None:
+        if self._pixel_feats is None and self.pixel_hidden is not None and self.pixel_proj is not None:
+            self._pixel_feats = self.pixel_proj(self.pixel_hidden).permute(0, 3, 1, 2)
+        return self._pixel_feats
+
+    def dot_pixels(self, emb: Tensor) -> Tensor:
+        """emb: [B, K, D] -> [B, K, H/4, W/4], the dot product of each embedding with every pixel feature."""
+        if self._pixel_feats is None and self.pixel_hidden is not None and self.pixel_proj is not None:
+            # emb . (W h + b) = (emb W) . h + emb . b: the product runs in the narrow C-wide space
+            w, bias = self.pixel_proj.weight, self.pixel_proj.bias  # [D, C], [D]
+            out = torch.einsum("bkc,bhwc->bkhw", emb @ w, self.pixel_hidden)
+            return out if bias is None else out + (emb @ bias)[..., None, None]
+        feats = self.pixel_feats
+        if feats is None:
+            raise ValueError(
+                "HeadContext has no pixel features (no task of the model needs the pixel decoder)"
+            )
+        return torch.einsum("bkd,bdhw->bkhw", emb, feats)
 
 
 class TaskType(ABC):
