@@ -38,7 +38,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   MAE_SPEED="--device cpu --batch_size 4 --repeats 1 --warmup 1 --models tiny --decoder_depths 1"
   SYNTH_N="--train $N --val 40 --test 40"; WORKERS=1
 else
-  ACC=gpu; PREC=bf16-mixed; B=300; FIT_TIME=00:00:03:40
+  ACC=gpu; PREC=bf16-mixed; B=300; FIT_TIME=00:00:03:15
   GPU_CHECK="--modes compile --mae-batch 512 --unified-batch 192 --warmup 3 --steps 10 --repeats 3"
   MAE_SPEED="--device cuda --amp --batch_size 256 --repeats 5 --warmup 2 --models tiny,small,base --decoder_depths 1,4,8"
   SYNTH_N="--train 2000 --val 300 --test 300"; WORKERS=5
@@ -66,17 +66,27 @@ cat $DATA/*.jsonl | sha256sum | sed 's/^/manifest sha256 /' | tee -a $LOGS/sessi
 say "phase B"
 (
   sed 's#runs/unified#runs/gpu_unified#g' lightning_configs/unified.yaml >runs/gpu_session/unified_gpu.yaml
-  timeout $((B - 40)) $PY -m idrecog.cli fit --config runs/gpu_session/unified_gpu.yaml --data.root $DATA \
+  timeout $((B - 70)) $PY -m idrecog.cli fit --config runs/gpu_session/unified_gpu.yaml --data.root $DATA \
     --trainer.accelerator $ACC --trainer.precision $PREC --trainer.max_time $FIT_TIME --trainer.max_epochs 100 \
     --trainer.enable_progress_bar false --data.num_workers $WORKERS --data.pin_memory true \
     --data.persistent_workers true
   echo "fit rc=$?"
-  timeout 35 $PY -m idrecog.cli test --config runs/gpu_session/unified_gpu.yaml --data.root $DATA \
+  timeout 60 $PY -m idrecog.cli test --config runs/gpu_session/unified_gpu.yaml --data.root $DATA \
     --trainer.accelerator $ACC --trainer.precision $PREC --trainer.enable_progress_bar false \
     --data.num_workers $WORKERS \
     --ckpt_path runs/gpu_unified/checkpoints/best.ckpt
   echo "test rc=$?"
 ) >$LOGS/unified_long.log 2>&1 &
+if [ "${SMOKE:-0}" = 1 ]; then MT="--smoke"; else MT="--accelerator gpu --time-budget $((B - 10))"; fi
+timeout $B $PY benchmarks/mae_transfer.py $MT --data $DATA --out runs/gpu_session/mae_transfer \
+  >$LOGS/mae_transfer.log 2>&1 &
+if [ "${SMOKE:-0}" = 1 ]; then
+  TR="--train 60 --val 20 --time-budget $((B - 10)) --num-workers 1 --threads 1"
+else
+  TR="--time-budget $((B - 20)) --accelerator gpu --precision bf16-mixed --num-workers 4 --threads 2"
+fi
+timeout $B $PY benchmarks/task_resolution.py --source $DATA $TR --work /tmp/task_resolution \
+  --out runs/gpu_session/task_resolution >$LOGS/task_resolution.log 2>&1 &
 # @@HELPER_JOBS@@
 wait
 say "phase B done"
