@@ -87,7 +87,13 @@ else
 fi
 timeout $B $PY benchmarks/task_resolution.py --source $DATA $TR --work /tmp/task_resolution \
   --out runs/gpu_session/task_resolution >$LOGS/task_resolution.log 2>&1 &
-# @@HELPER_JOBS@@
+if [ "${SMOKE:-0}" = 1 ]; then
+  QD="--time-budget $((B - 15)) --seeds 0 --min-steps 2 --img 64 96 --threads 1 --num-workers 1"
+else
+  QD="--accelerator gpu --time-budget $((B - 15)) --seeds 0 1 --min-steps 300 --num-workers 4 --threads 1"
+fi
+timeout $B $PY benchmarks/query_designs.py --data $DATA $QD --no-augment --text-model tiny \
+  --out runs/gpu_session/query_designs >$LOGS/query_designs.log 2>&1 &
 wait
 say "phase B done"
 
