@@ -48,16 +48,19 @@ $PY -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightn
 
 # ---------------------------------------------------------------- phase 0: data (CPU)
 say "phase 0: synth"
-( timeout 240 $PY -m idrecog.cli synth --out $DATA $SYNTH_N --seed 0 --workers 8 --no-progress >$LOGS/synth.log 2>&1; echo "synth rc=$?" >>$LOGS/synth.log ) &
+( timeout 240 $PY -m idrecog.cli synth --out $DATA $SYNTH_N --seed 0 --workers ${SYNTH_WORKERS:-8} --no-progress >$LOGS/synth.log 2>&1; echo "synth rc=$?" >>$LOGS/synth.log ) &
 SYNTH=$!
 
 # ---------------------------------------------------------------- phase A: timings, GPU alone
+# PHASES=B skips the timings (a second call after phase A already ran)
+if [ "${PHASES:-AB}" != B ]; then
 say "phase A: gpu_check"
 timeout 200 $PY benchmarks/gpu_check.py $GPU_CHECK >$LOGS/gpu_check.log 2>&1
 say "gpu_check rc=$?"
 say "phase A: mae_speed"
 timeout 90 $PY benchmarks/mae_speed.py $MAE_SPEED >$LOGS/mae_speed.log 2>&1
 say "mae_speed rc=$?"
+fi
 wait $SYNTH
 say "$(tail -1 $LOGS/synth.log)"
 cat $DATA/*.jsonl | sha256sum | sed 's/^/manifest sha256 /' | tee -a $LOGS/session.log
