@@ -29,7 +29,9 @@ MODELS = {
     "tiny": {"name": "vit_tiny_patch16_224", "depth": 4},
     "small": {"name": "vit_small_patch16_224", "depth": None},
     "base": {"name": "vit_base_patch16_224", "depth": None},
+    "large": {"name": "vit_large_patch16_224", "depth": None},
 }
+WIDTHS = {"tiny": 192, "small": 384, "base": 768, "large": 1024}
 
 
 @dataclass
@@ -120,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     cases = [Case(m) for m in models]
     depths = [int(d) for d in args.decoder_depths.split(",") if d]
-    first_default = default_decoder_size(
-        192 if models[0] == "tiny" else 384 if models[0] == "small" else 768
-    )[1]
+    first_default = default_decoder_size(WIDTHS[models[0]])[1]
     cases += [Case(models[0], d) for d in depths if d != first_default]
 
     # one untimed step first: thread pools, allocator and kernels start cold on the first model otherwise
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         spec = MODELS[case.model]
-        dim = {"tiny": 192, "small": 384, "base": 768}[case.model]
+        dim = WIDTHS[case.model]
         ddim, ddepth, _ = default_decoder_size(dim)
         ddepth = case.decoder_depth if case.decoder_depth is not None else ddepth
         r = measure(case, args, device)
