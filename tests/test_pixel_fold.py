@@ -16,7 +16,7 @@ def test_dot_pixels_equals_product_with_full_pixel_features() -> None:
     assert full.shape == (2, 16, 8, 12)
     ref = torch.einsum("bkd,bdhw->bkhw", emb, full)
     ctx = HeadContext(
-        pixel_feats=None, image_size=(32, 48), pixel_hidden=dec.forward_hidden(tokens), pixel_proj=dec.proj
+        pixel_feats=None, image_size=(32, 48), pixel_hidden=dec.forward_hidden(tokens), pixel_decoder=dec
     )
     folded = ctx.dot_pixels(emb)
     torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)

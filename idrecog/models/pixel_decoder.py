@@ -62,6 +62,10 @@ class PixelDecoder(nn.Module):
         x = F.pixel_shuffle(x, r)  # [B, C, r h, r w]
         return self.widen[0](F.gelu(x.permute(0, 2, 3, 1)))  # per pixel, channels last
 
+    def project(self, hidden: Tensor) -> Tensor:
+        """hidden: [B, 4h, 4w, hidden] (``forward_hidden``) -> [B, dim, 4h, 4w]."""
+        return self.proj(hidden).permute(0, 3, 1, 2).contiguous()
+
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: [B, L, in_dim] -> [B, dim, 4h, 4w]."""
-        return self.proj(self.forward_hidden(tokens)).permute(0, 3, 1, 2).contiguous()
+        return self.project(self.forward_hidden(tokens))

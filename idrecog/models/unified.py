@@ -179,7 +179,7 @@ class UnifiedModel(nn.Module):
             pixel_feats=None,
             image_size=(int(images.shape[-2]), int(images.shape[-1])),
             pixel_hidden=pixel_hidden,
-            pixel_proj=self.pixel_decoder.proj if pixel_hidden is not None else None,
+            pixel_decoder=self.pixel_decoder if pixel_hidden is not None else None,
         )
         outputs, gate_logits, routed = self.interpreter(task_feats, ctx, route)
         return {"outputs": outputs, "gate_logits": gate_logits, "routed": routed, "task_feats": task_feats}

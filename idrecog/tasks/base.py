@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,17 +28,20 @@ from torchmetrics import MetricCollection
 
 from idrecog.data.catalogue import TaskSpec
 
+if TYPE_CHECKING:
+    from idrecog.models.pixel_decoder import PixelDecoder
+
 
 class HeadContext:
     """What an output unit may read besides its task features.
 
     pixel_feats: [B, D, H/4, W/4] from the pixel decoder, or None when no task needs it.
     image_size: (H, W) of the network input.
-    pixel_hidden / pixel_proj: the pixel decoder's narrow per-pixel features [B, H/4, W/4, C] (channels last) and
-        its last linear layer (C -> D), from which ``pixel_feats`` is computed on first access. Heads that only
-        dot embeddings with the pixel features should call :meth:`dot_pixels`, which folds the layer into the
-        embeddings and never builds the D-wide map (on CPU that map cost more than the ViT-Tiny encoder's blocks
-        at inference).
+    pixel_hidden / pixel_decoder: the pixel decoder's narrow per-pixel features [B, H/4, W/4, C] (channels last,
+        ``PixelDecoder.forward_hidden``) and the decoder itself, whose ``project`` gives ``pixel_feats`` on first
+        access. Heads that only dot embeddings with the pixel features should call :meth:`dot_pixels`, which
+        folds the decoder's last linear layer into the embeddings and never builds the D-wide map (on CPU that
+        map cost more than the ViT-Tiny encoder's blocks at inference).
     """
 
     def __init__(
@@ -46,26 +49,35 @@ class HeadContext:
         pixel_feats: Tensor | None,
         image_size: tuple[int, int],
         pixel_hidden: Tensor | None = None,
-        pixel_proj: nn.Linear | None = None,
+        pixel_decoder: PixelDecoder | None = None,
     ) -> None:
         self._pixel_feats = pixel_feats
         self.image_size = image_size
         self.pixel_hidden = pixel_hidden
-        self.pixel_proj = pixel_proj
+        self.pixel_decoder = pixel_decoder
+
+    @property
+    def _deferred(self) -> bool:
+        """The D-wide map is not built yet but can be (narrow features and their decoder are at hand)."""
+        return self._pixel_feats is None and self.pixel_hidden is not None and self.pixel_decoder is not None
+
+    @property
+    def has_pixel_features(self) -> bool:
+        return self._pixel_feats is not None or self._deferred
 
     @property
     def pixel_feats(self) -> Tensor | None:
-        if self._pixel_feats is None and self.pixel_hidden is not None and self.pixel_proj is not None:
-            self._pixel_feats = self.pixel_proj(self.pixel_hidden).permute(0, 3, 1, 2)
+        if self._deferred:
+            self._pixel_feats = self.pixel_decoder.project(self.pixel_hidden)  # type: ignore[union-attr]
         return self._pixel_feats
 
     def dot_pixels(self, emb: Tensor) -> Tensor:
         """emb: [B, K, D] -> [B, K, H/4, W/4], the dot product of each embedding with every pixel feature."""
-        if self._pixel_feats is None and self.pixel_hidden is not None and self.pixel_proj is not None:
+        if self._deferred:
             # emb . (W h + b) = (emb W) . h + emb . b: the product runs in the narrow C-wide space
-            w, bias = self.pixel_proj.weight, self.pixel_proj.bias  # [D, C], [D]
-            out = torch.einsum("bkc,bhwc->bkhw", emb @ w, self.pixel_hidden)
-            return out if bias is None else out + (emb @ bias)[..., None, None]
+            proj = self.pixel_decoder.proj  # type: ignore[union-attr]
+            out = torch.einsum("bkc,bhwc->bkhw", emb @ proj.weight, self.pixel_hidden)
+            return out if proj.bias is None else out + (emb @ proj.bias)[..., None, None]
         feats = self.pixel_feats
         if feats is None:
             raise ValueError(

@@ -53,7 +53,7 @@ class SegmentationHead(nn.Module):
         )
 
     def forward(self, task_feats: Tensor, ctx: HeadContext) -> dict[str, Tensor]:
-        if ctx.pixel_hidden is None and ctx.pixel_feats is None:
+        if not ctx.has_pixel_features:
             raise ValueError("the segmentation head needs HeadContext.pixel_feats (build the pixel decoder)")
         logits = ctx.dot_pixels(self.mask_embed(task_feats))
         logits = F.interpolate(logits, size=tuple(ctx.image_size), mode="bilinear", align_corners=False)
