@@ -312,16 +312,18 @@ class MultimodalQueries(TaskQueryProvider):
             use = torch.zeros(ftok.shape[1], dtype=torch.bool, device=ftok.device)
             use[0] = flash
             use[1:] = angles
+            change: tuple[Tensor, Tensor] | None = None  # the change token [B, 1, w] and its validity [B, 1]
             if angles and self.has_change:
                 if "change" not in cache:
                     cache["change"] = self.encode_change(batch["assoc"])
                 cells, ctok, cvalid = cache["change"]
+                change = (ctok, cvalid)
                 ftok = torch.cat([ftok[:, :1], ftok[:, 1:] + cells.to(ftok.dtype)], dim=1)
             ftok, fvalid = ftok[:, use].flatten(1, 2), fvalid[:, use].flatten(1, 2)
             parts.append((ftok, fvalid))
             kinds.append(torch.full((ftok.shape[1],), FRAME))
-            if angles and self.has_change:
-                parts.append((ctok, cvalid))
+            if change is not None:  # after the frame tokens
+                parts.append(change)
                 kinds.append(torch.full((1,), CHANGE))
         if task in self.user_tasks and batch.get("user") is not None:
             if "user" not in cache:
