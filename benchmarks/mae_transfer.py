@@ -109,6 +109,35 @@ def hms(seconds: float) -> str:
     return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def quiet_trainer(
+    tr: dict[str, Any], args: argparse.Namespace, root: Path, max_steps: int, max_time_s: float, **extra: Any
+) -> dict[str, Any]:
+    """The trainer section of a generated config, updated in place for one time-boxed run: the chosen device,
+    ``max_steps`` and ``max_time``, no validation during training, no progress bar, summary or checkpoints, CSV
+    logs under ``root``."""
+    tr.update(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=max_steps,
+        max_epochs=-1,
+        max_time=hms(max_time_s),
+        limit_val_batches=0,
+        val_check_interval=1.0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(root),
+        **extra,
+    )
+    tr["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(root), "name": "lightning_logs"},
+    }
+    return tr
+
+
 # ---------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -669,28 +698,15 @@ def pretrain(
     # warm-up (--pretrain-warmup of the steps that fit) and the cosine's length
     cfg["model"]["warmup_steps"] = 10**6
     pdir = out / "pretrain"
-    tr = cfg["trainer"]
-    tr.update(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
+    tr = quiet_trainer(
+        cfg["trainer"],
+        args,
+        pdir,
         max_steps=10**7,  # sized to the time once the step rate is known (PretrainMonitor)
-        max_epochs=-1,
-        max_time=hms(seconds),
-        limit_val_batches=0,
-        val_check_interval=1.0,
-        check_val_every_n_epoch=1,
-        num_sanity_val_steps=0,
+        max_time_s=seconds,
         log_every_n_steps=50 if gpu else 5,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(pdir),
+        check_val_every_n_epoch=1,
     )
-    tr["logger"] = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(pdir), "name": "lightning_logs"},
-    }
     tr["callbacks"] = [
         {
             "class_path": "idrecog.callbacks.MAEReconstructionImages",
@@ -823,27 +839,15 @@ def finetune_config(
     cfg = copy.deepcopy(unified)
     rdir = out / "finetune" / name
     cfg["seed_everything"] = int(seed)
-    tr = cfg["trainer"]
-    tr.update(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
+    # validation runs once, after training
+    tr = quiet_trainer(
+        cfg["trainer"],
+        args,
+        rdir,
         max_steps=int(steps),
-        max_epochs=-1,
-        max_time=hms(max_time_s),
-        limit_val_batches=0,  # validation runs once, after training
-        val_check_interval=1.0,
-        num_sanity_val_steps=0,
+        max_time_s=max_time_s,
         log_every_n_steps=max(1, min(10, steps)),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(rdir),
     )
-    tr["logger"] = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(rdir), "name": "lightning_logs"},
-    }
     tr["callbacks"] = []
     m = cfg["model"]["init_args"]
     m["encoder"] = encoder_block(args, unified)
