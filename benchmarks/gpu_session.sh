@@ -22,14 +22,11 @@ T0=$(date +%s)
 elapsed() { echo $(($(date +%s) - T0)); }
 say() { echo "[$(elapsed)s] $*" | tee -a $LOGS/session.log; }
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+source benchmarks/gpu_env.sh
 if [ -d .gpufonts ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   mkdir -p /usr/share/fonts/truetype/dejavu && cp .gpufonts/*.ttf /usr/share/fonts/truetype/dejavu/
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PY=python3
 # SMOKE=1: the same script on a CPU with tiny settings, to check it before spending GPU time
 if [ "${SMOKE:-0}" = 1 ]; then
