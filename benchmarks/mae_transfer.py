@@ -75,6 +75,9 @@ import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark helpers
+from deadline import exit_at  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("mae", "scratch")
 OUT_DEFAULT = "runs/mae_transfer"
@@ -422,22 +425,11 @@ def report(out: Path, budget_hit: bool = False) -> None:
         )
 
 
-def start_watchdog(budget: Budget, out: Path, grace: float) -> None:
-    def run() -> None:
-        while True:
-            left = budget.left() - grace
-            if left <= 0:
-                break
-            time.sleep(min(left, 1.0))
-        if not _REPORTED:
-            print("[mae_transfer] time budget reached: writing partial results and exiting", flush=True)
-            try:
-                report(out, budget_hit=True)
-            finally:
-                sys.stdout.flush()
-                os._exit(0)
-
-    threading.Thread(target=run, name="budget-watchdog", daemon=True).start()
+def expire(out: Path) -> None:
+    """The watchdog's work at the deadline: write partial results unless the main thread already reported."""
+    if not _REPORTED:
+        print("[mae_transfer] time budget reached: writing partial results and exiting", flush=True)
+        report(out, budget_hit=True)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -984,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
 
     resolve_defaults(args)
     budget = Budget(args.time_budget)
-    start_watchdog(budget, out, grace=2.0)
+    watchdog = exit_at(budget.left() - 2.0, lambda: expire(out), 0)
     torch.set_num_threads(args.threads)
     if args.accelerator == "gpu":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1043,10 +1035,13 @@ def main(argv: list[str] | None = None) -> int:
 
         traceback.print_exc()
         note(f"stopped by an error: {type(e).__name__}: {e}")
-        report(out)
-        return 1
+        code = 1
+    else:
+        code = 0
+    if watchdog is not None:  # the main thread reports; the exit code stays its own
+        watchdog.cancel()
     report(out)
-    return 0
+    return code
 
 
 def run_phases(

@@ -62,8 +62,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:  # runnable as `python3 benchmarks/task_resolution.py` without installing
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from deadline import exit_at  # noqa: E402
 
 RUNS = {
     "a": "classifier resolver",
@@ -194,21 +196,6 @@ class Report:
                 print(f"results: {out / 'results.json'}, {out / 'results.md'}", flush=True)
             except OSError as e:
                 print(f"could not write the results to {out}: {e}", flush=True)
-
-
-def start_watchdog(report: Report, deadline: float) -> threading.Timer | None:
-    """At the deadline: print what finished, write the JSON, and end the process (code 3)."""
-    if not math.isfinite(deadline):
-        return None
-
-    def fire() -> None:
-        report.finish(f"the time budget ran out at {now():.0f} s (watchdog)")
-        os._exit(3)
-
-    t = threading.Timer(max(0.0, deadline - now()), fire)
-    t.daemon = True
-    t.start()
-    return t
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -821,7 +808,12 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.time_budget
     deadline = budget if budget else float("inf")  # seconds since T_START
     report = Report(args)
-    watchdog = start_watchdog(report, deadline - 1.0)
+    # at the deadline: print what finished, write the JSON, end the process (code 3)
+    watchdog = exit_at(
+        deadline - 1.0 - now(),
+        lambda: report.finish(f"the time budget ran out at {now():.0f} s (watchdog)"),
+        3,
+    )
     secs = report.data["seconds"]
     secs["imports"] = now()
     say(
