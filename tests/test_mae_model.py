@@ -96,6 +96,33 @@ def test_loss_ignores_visible_patches(mae: MaskedAutoencoder) -> None:
     assert mae.forward_loss(imgs, p3, mask) > base
 
 
+def test_loss_equals_the_reference_over_all_patches(mae: MaskedAutoencoder) -> None:
+    # targets are built for removed patches only; the value must equal MAE's formula over all L patches
+    torch.manual_seed(2)
+    imgs = torch.randn(3, 3, *IMG)
+    loss, pred, mask = mae(imgs, mask_ratio=0.6)
+    full = mae.patch_targets(imgs)
+    reference = (((pred - full) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    assert torch.allclose(mae.patch_targets(imgs, mask.bool()), full[mask.bool()])
+
+
+@pytest.mark.parametrize("linear_path", [True, False])
+def test_embed_visible_equals_gathered_full_embedding(
+    mae: MaskedAutoencoder, linear_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enc = mae.encoder
+    assert enc._linear_patch_embed()  # timm's conv patch embedding takes the per-patch linear path
+    if not linear_path:
+        monkeypatch.setattr(type(enc), "_linear_patch_embed", lambda self: False)
+    torch.manual_seed(3)
+    imgs = torch.randn(4, 3, *IMG)
+    ids_keep = torch.argsort(torch.rand(4, mae.num_patches), dim=1)[:, :6]
+    full = enc.embed(imgs)
+    expected = torch.gather(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    assert torch.allclose(enc.embed_visible(imgs, ids_keep), expected, atol=1e-5)
+
+
 def test_norm_pix_targets_are_per_patch_normalised(mae: MaskedAutoencoder) -> None:
     imgs = torch.rand(1, 3, *IMG) * 3 + 2
     t = mae.patch_targets(imgs)

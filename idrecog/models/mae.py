@@ -253,21 +253,25 @@ class MaskedAutoencoder(nn.Module):
         x = self.decoder_pred(x)
         return x[:, npt:]
 
-    def patch_targets(self, imgs: Tensor) -> Tensor:
-        """imgs: [N, 3, H, W] -> regression targets [N, L, p*p*3] (per-patch normalised when norm_pix_loss)."""
+    def patch_targets(self, imgs: Tensor, select: Tensor | None = None) -> Tensor:
+        """imgs: [N, 3, H, W] -> regression targets [N, L, p*p*3] (per-patch normalised when norm_pix_loss);
+        with ``select`` (bool [N, L]) only the selected patches, [M, p*p*3] in row-major order."""
         target = self.patchify(imgs)
+        if select is not None:
+            target = target[select]
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
+            var, mean = torch.var_mean(target, dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        """imgs: [N, 3, H, W]; pred: [N, L, p*p*3]; mask: [N, L] (1 = removed) -> mean MSE over removed patches."""
-        target = self.patch_targets(imgs)
-        loss = (pred.float() - target.float()) ** 2
-        loss = loss.mean(dim=-1)  # [N, L], mean loss per patch
-        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+        """imgs: [N, 3, H, W]; pred: [N, L, p*p*3]; mask: [N, L] (1 = removed) -> mean MSE over removed patches.
+
+        Targets are built for the removed patches only (the loss never reads the others)."""
+        removed = mask.bool()
+        target = self.patch_targets(imgs, removed)  # [M, p*p*3]
+        loss = ((pred[removed].float() - target.float()) ** 2).mean(dim=-1)  # [M], mean loss per patch
+        return loss.sum() / loss.new_tensor(max(loss.numel(), 1))
 
     def forward(
         self, imgs: Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None
