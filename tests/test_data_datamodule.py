@@ -78,6 +78,31 @@ class _Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+def test_frames_are_decoded_only_when_the_model_reads_them(tiny_dataset: Path) -> None:
+    from types import SimpleNamespace
+
+    from idrecog.lit.unified import UnifiedModule
+    from idrecog.models.multimodal import MultimodalQueries
+    from tests.test_model_fakes import fake_catalogue, tiny_parts
+
+    dm = _dm(tiny_dataset)
+    dm.setup("fit")
+    assert dm.frames_loaded and all(ds.load_frames for ds in dm.datasets.values())  # until told otherwise
+    module = UnifiedModule(catalogue=fake_catalogue().to_dict(), **tiny_parts())  # learned queries
+    module._trainer = SimpleNamespace(datamodule=dm)
+    module.setup("fit")
+    assert not dm.frames_loaded and not any(ds.load_frames for ds in dm.datasets.values())
+    dm.setup("test")  # datasets set up later follow too
+    assert not dm.datasets["test"].load_frames
+    assert MultimodalQueries.consumes_frames
+    dm.set_frames_consumed(True)
+    assert all(ds.load_frames for ds in dm.datasets.values())
+    forced = _dm(tiny_dataset, load_frames=True)  # an explicit setting wins over the model
+    forced.set_frames_consumed(False)
+    forced.setup("fit")
+    assert forced.frames_loaded and forced.datasets["train"].load_frames
+
+
 def test_masked_frames_reported_at_epoch_end(tiny_dataset: Path) -> None:
     dm = _dm(tiny_dataset, augment=False)
     trainer = L.Trainer(

@@ -117,6 +117,31 @@ def test_frames_not_loaded_when_no_applying_task_uses_them(tiny_dataset: Path, m
     assert "assoc" in ds[0] and len(opened) == 4  # image, flash, 2 angles
 
 
+def test_load_frames_off_opens_no_frame_and_masks_by_the_manifest(tiny_dataset: Path, monkeypatch) -> None:
+    # a model that reads no frames: nothing but the image is decoded, and a multi-frame label is masked exactly
+    # where the frame-reading path would mask it for want of frames in the manifest (same labelled set)
+    ds = IdDataset(tiny_dataset, "train", load_frames=False)
+    opened: list[str] = []
+    orig = IdDataset._load_image
+
+    def spy(self, rel, sample, field):
+        opened.append(rel)
+        return orig(self, rel, sample, field)
+
+    monkeypatch.setattr(IdDataset, "_load_image", spy)
+    j = ds.catalogue.index("hologram")
+    item = ds[0]
+    assert "assoc" not in item and opened == [ds.samples[0].image]
+    assert item["present"][j] and not item["frames_missing"][j]
+    loading = IdDataset(tiny_dataset, "train")
+    for i in range(len(ds)):  # train line 8 is labelled but lists no frames: masked both ways
+        a, b = ds[i], loading[i]
+        assert torch.equal(a["present"], b["present"]) and torch.equal(
+            a["frames_missing"], b["frames_missing"]
+        )
+    assert ds[7]["frames_missing"][j] and not ds[7]["present"][j]
+
+
 def test_frames_share_the_geometric_transform(tiny_dataset: Path) -> None:
     # make sample 0's flash frame a copy of its image: after augmentation both must still be identical
     shutil.copy(tiny_dataset / "images" / "train_000.png", tiny_dataset / "frames" / "train_000_flash.png")

@@ -117,7 +117,11 @@ class IdDataModule(L.LightningDataModule):
         allow_external_paths: allow absolute and ``..`` paths in manifests.
         limit_train_samples: keep a random subset (seeded) of this many train samples.
         seed: the seed of the train shuffle and of ``limit_train_samples``.
-        cache_images: keep decoded images in memory (small datasets only; one copy per worker).
+        cache_images: keep decoded images in memory (small datasets only; one copy per worker; with
+            ``num_workers > 0`` set ``persistent_workers`` too, or each epoch's new workers start empty).
+        load_frames: decode the associated frames of multi-frame tasks. None (default): as the model needs;
+            ``UnifiedModule.setup`` calls :meth:`set_frames_consumed` with whether its query provider reads
+            frames (only ``multimodal`` does), and frames are loaded until something says otherwise.
         predict_split: the split ``predict_dataloader`` reads.
     """
 
@@ -143,6 +147,7 @@ class IdDataModule(L.LightningDataModule):
         limit_train_samples: int | None = None,
         seed: int = 0,
         cache_images: bool = False,
+        load_frames: bool | None = None,
         predict_split: str = "test",
     ) -> None:
         super().__init__()
@@ -190,6 +195,8 @@ class IdDataModule(L.LightningDataModule):
         self.limit_train_samples = limit_train_samples
         self.seed = seed
         self.cache_images = cache_images
+        self.load_frames = load_frames
+        self._frames_consumed = True  # until the model says otherwise (see set_frames_consumed)
         self.predict_split = predict_split
         self._catalogue: TaskCatalogue | None = None
         self._user_encoder: UserFeatureEncoder | None = None
@@ -329,6 +336,18 @@ class IdDataModule(L.LightningDataModule):
             if ds.user_encoder is not None:
                 ds.user_encoder = self._user_encoder
 
+    @property
+    def frames_loaded(self) -> bool:
+        """Whether the datasets decode associated frames (``load_frames``, or what the model asked for)."""
+        return self.load_frames if self.load_frames is not None else self._frames_consumed
+
+    def set_frames_consumed(self, consumed: bool) -> None:
+        """The model says whether it reads associated frames; with ``load_frames: null`` the datasets (also
+        those already set up) then decode frames only when it does, so learned and text designs pay nothing."""
+        self._frames_consumed = bool(consumed)
+        for ds in self.datasets.values():
+            ds.load_frames = self.frames_loaded
+
     # ------------------------------------------------------------------ datasets
     def _dataset(self, split: str, train: bool) -> IdDataset:
         cat = self.catalogue
@@ -348,6 +367,7 @@ class IdDataModule(L.LightningDataModule):
             on_error=self.on_error,
             allow_external_paths=self.allow_external_paths,
             cache_images=self.cache_images,
+            load_frames=self.frames_loaded,
             samples=samples,
             max_image_pixels=self.max_image_pixels,
         )

@@ -117,6 +117,9 @@ class IdDataset(Dataset):
         max_image_pixels: images (and frames) with more pixels are refused before decoding; None: no limit
             beyond PIL's global ``Image.MAX_IMAGE_PIXELS``.
         cache_images: keep decoded images and frames in memory (for small datasets; per worker process).
+        load_frames: decode and transform the associated frames of multi-frame tasks. False when the model reads
+            no frames (learned or text queries): items carry no ``assoc`` and a multi-frame label is masked only
+            when the manifest lists none of its frames (the files are not opened).
         drop_empty: drop samples to which no task applies (e.g. ``DocTypeResolver(missing="skip")``).
     """
 
@@ -132,6 +135,7 @@ class IdDataset(Dataset):
         on_error: str = "raise",
         allow_external_paths: bool = False,
         cache_images: bool = False,
+        load_frames: bool = True,
         samples: list[Sample] | None = None,
         drop_empty: bool = True,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
@@ -176,6 +180,7 @@ class IdDataset(Dataset):
         self.on_error = on_error
         self.max_image_pixels = max_image_pixels
         self.cache_images = cache_images
+        self.load_frames = load_frames
         self._cache: dict[Path, tv_tensors.Image] = {}
         #: per-process counts of masked labels: "frames_missing/<task>", "user_missing/<task>", "load_error/<task>"
         self.counts: Counter[str] = Counter()
@@ -267,7 +272,7 @@ class IdDataset(Dataset):
         frames_missing = torch.zeros_like(applies)
 
         frames: dict[str, Any] | None = None
-        if any(applies[j] for j in self.frame_tasks):
+        if self.load_frames and any(applies[j] for j in self.frame_tasks):
             frames = {
                 "flash": self._load_frame(s.flash, s, "assoc.flash", size),
                 "angles": [
@@ -281,8 +286,12 @@ class IdDataset(Dataset):
             value = s.labels.get(spec.name)
             if not applies[j] or value is None:
                 continue
-            if spec.uses_frames and (
-                frames is None or not frames_available(spec.uses, frames["flash"], frames["angles"])
+            if spec.uses_frames and not (
+                frames_available(spec.uses, frames["flash"], frames["angles"])
+                if frames is not None
+                # not decoded (the model reads no frames): the manifest decides, so every query design
+                # trains on the same labelled set
+                else not self.load_frames and frames_available(spec.uses, s.flash, s.angles)
             ):
                 frames_missing[j] = True
                 self.counts[f"frames_missing/{spec.name}"] += 1

@@ -199,7 +199,8 @@ class UnifiedModule(L.LightningModule):
         return self.model(images, tasks=tasks, batch=batch, route=route)
 
     def setup(self, stage: str) -> None:
-        """Share the user-feature vocabularies with the DataModule (after ``prepare_data``, so the data exists):
+        """Tell the DataModule whether the query provider reads associated frames (it decodes them only then), and
+        share the user-feature vocabularies with it (after ``prepare_data``, so the data exists):
         a model built without them (CLI: before the data was generated) takes the DataModule's fitted encoder
         and stores it in its hparams (checkpoints rebuild from it); a model that has them makes the DataModule
         encode users the same way."""
@@ -212,6 +213,8 @@ class UnifiedModule(L.LightningModule):
             self.hparams["user_features"] = _plain(state)
         elif self.user_features is not None and dm is not None and hasattr(dm, "set_user_features"):
             dm.set_user_features(self.user_features)
+        if dm is not None and hasattr(dm, "set_frames_consumed"):
+            dm.set_frames_consumed(self.model.queries.consumes_frames)
 
     def configure_model(self) -> None:
         if self.hparams.get("compile") and not self._compiled:

@@ -77,6 +77,8 @@ class MultimodalQueries(TaskQueryProvider):
         std: init std of the learned tokens.
     """
 
+    consumes_frames = True
+
     def __init__(
         self,
         model_dir: str | None = None,

@@ -47,6 +47,9 @@ class TaskQueryProvider(nn.Module):
     """Interface. Subclasses implement ``build`` and ``forward``; ``init_args`` lets checkpoints rebuild them."""
 
     init_args: dict[str, Any]
+    #: ``forward`` reads associated frames (``batch["assoc"]``); the DataModule decodes frames only for providers
+    #: that do (``UnifiedModule.setup`` tells it)
+    consumes_frames: bool = False
 
     def __init__(self) -> None:
         super().__init__()
