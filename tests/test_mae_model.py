@@ -121,6 +121,9 @@ def test_embed_visible_equals_gathered_full_embedding(
     full = enc.embed(imgs)
     expected = torch.gather(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
     assert torch.allclose(enc.embed_visible(imgs, ids_keep), expected, atol=1e-5)
+    if linear_path:  # another input size would pair pixels with the wrong position embeddings
+        with pytest.raises(ValueError, match="grid"):
+            enc.embed_visible(torch.randn(1, 3, IMG[0] + 16, IMG[1]), ids_keep[:1])
 
 
 def test_norm_pix_targets_are_per_patch_normalised(mae: MaskedAutoencoder) -> None:

@@ -177,10 +177,14 @@ class ViTEncoder(nn.Module):
         n, c, h, w = imgs.shape
         p = self.patch_size
         gh, gw = h // p, w // p
+        if (gh * p, gw * p) != (h, w) or (gh, gw) != self.grid_size:
+            raise ValueError(
+                f"input {h} x {w} does not match the encoder's {self.grid_size} grid of {p}-pixel patches"
+            )
         # [N, C, gh, p, gw, p] indexed at (row, col) of each kept patch -> [N, K, C, p, p] (only kept pixels copied)
         rows, cols = ids_keep // gw, ids_keep % gw
         batch = torch.arange(n, device=imgs.device).unsqueeze(1)
-        patches = imgs.view(n, c, gh, p, gw, p)[batch, :, rows, :, cols, :]
+        patches = imgs.reshape(n, c, gh, p, gw, p)[batch, :, rows, :, cols, :]
         x = F.linear(
             patches.reshape(n, ids_keep.shape[1], c * p * p), pe.proj.weight.flatten(1), pe.proj.bias
         )
