@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--dec_dim", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="4 batches, 3 steps, 1 repeat (~2-3 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="4 batches, 6 steps, 1 repeat (~1.5 min on 2 cores)")
     p.add_argument("--smoke", action="store_true", help="a tiny dataset and model: checks the script works")
     args = p.parse_args(argv)
     if args.quick:
-        args.batches, args.train_steps, args.repeats = 4, 3, 1
+        args.batches, args.train_steps, args.repeats = 4, 6, 1
     if args.smoke:
         args.batch, args.batches, args.train_steps, args.repeats = 2, 2, 1, 1
         args.img_size, args.depth, args.threads, args.train_samples, args.val_samples = [64, 96], 1, 1, 8, 4

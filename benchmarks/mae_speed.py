@@ -4,7 +4,7 @@ One training step = forward + backward + AdamW step, random images, mask ratio 0
 encoder and decoder sizes; only what the encoder sees differs. The two modes are timed side by side (alternating,
 after a warm-up step each) and the median step time is reported, so machine load affects both alike.
 
-    .venv/bin/python benchmarks/mae_speed.py                 # CPU, 1 thread: tiny default, ViT-S/16, decoder sweep
+    .venv/bin/python benchmarks/mae_speed.py                 # CPU, batch 32: tiny default, ViT-S/16, decoder sweep
     .venv/bin/python benchmarks/mae_speed.py --device cuda --batch_size 128 --amp --models tiny,small,base
 
 Prints a Markdown table and the speed-ups (visible / all images per second), beside the FLOP ratio of the two
@@ -118,15 +118,15 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device) -> dict[
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--batch_size", type=int, default=32, help="lightning_configs/pretrain_mae.yaml: 32")
     ap.add_argument("--img_size", type=int, nargs=2, default=(160, 256), metavar=("H", "W"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads (1 by default: steadier on shared cores; 0: torch's)",
+        default=0,
+        help="torch CPU threads (0: torch's default, every core; 1 is steadier on shared cores)",
     )
     ap.add_argument("--amp", action="store_true", help="bf16 autocast")
     ap.add_argument("--models", default="tiny,small", help=f"comma-separated, of {sorted(MODELS)}")
