@@ -26,7 +26,7 @@
    and once from scratch, for each seed (``seed_everything``: initialisation, augmentation), the same number of
    optimiser steps each. Changed from the file: no validation during training and no checkpoints or prediction
    writer (validation runs once at the end on the full val split), ``max_steps`` instead of ``max_epochs``,
-   persistent DataLoader workers, and, for runs under 250 steps, warm-up min(50, steps // 5).
+   persistent DataLoader workers, augmentation on, and, for runs under 250 steps, warm-up min(50, steps // 5).
    ``--finetune-steps auto`` (default) first times a short calibration fine-tune and picks the step count that
    fits ``--finetune-seconds`` per run (and the time left).
 
@@ -856,6 +856,9 @@ def finetune_config(
         num_workers=args.num_workers,
         persistent_workers=args.num_workers > 0,
         pin_memory=args.accelerator == "gpu",
+        # a few hundred labelled images seen many times: augmented, as in the recorded runs (the default
+        # 3-epoch job of unified.yaml trains without augmentation)
+        augment=True,
     )
     if args.batch_size:
         d["batch_size"] = int(args.batch_size)

@@ -597,6 +597,7 @@ def build_unified(
                     "num_workers": nw,
                     "persistent_workers": nw > 0,  # keeps each worker's image cache across epochs
                     "pin_memory": args.accelerator == "gpu",
+                    "augment": True,  # as in the recorded runs (unified.yaml's short CPU job trains without)
                     "batch_size": args.batch_size,
                     "preflight": args.preflight,
                     "preflight_cache_dir": str(args.work / "cache" / "preflight"),
