@@ -187,3 +187,24 @@ def test_zero_loss_follows_the_outputs_device() -> None:
     assert z.device.type == "meta" and z.requires_grad
     z_cpu = TaskType.zero_loss({"x": torch.full((2,), float("nan"), requires_grad=True)})
     assert z_cpu.item() == 0.0, "NaN outputs still give an exact zero"
+
+
+def test_classification_class_weights_weight_the_cross_entropy() -> None:
+    from idrecog.errors import ConfigError
+
+    cls = get_task_type_class("classification")
+    spec = cls.example_spec()
+    c = spec.num_classes
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, c, generator=g)
+    targets = torch.tensor([0, 1, 1, 0, c - 1, 0])
+    present = torch.ones(6, dtype=torch.bool)
+    weights = [1.0] + [3.0] * (c - 1)
+    tt = create_task_type(spec, class_weights=weights)
+    expected = torch.nn.functional.cross_entropy(logits, targets, weight=torch.tensor(weights))
+    torch.testing.assert_close(tt.loss({"logits": logits}, targets, present), expected)
+    plain = create_task_type(spec).loss({"logits": logits}, targets, present)
+    assert not torch.allclose(plain, expected)  # the weights change the loss
+    for bad in ([1.0] * (c + 1), [1.0] * (c - 1) + [0.0], "balanced", [True] * c):
+        with pytest.raises(ConfigError, match=r"options\.class_weights"):
+            create_task_type(spec, class_weights=bad)
