@@ -96,13 +96,8 @@ def test_batch_follows_contract(tiny_dataset: Path) -> None:
     assert (u["behaviour"][~u["behaviour_mask"]] == 0).all()
 
 
-def test_frames_not_loaded_when_no_applying_task_uses_them(tiny_dataset: Path, monkeypatch) -> None:
-    manifest = tiny_dataset / "train.jsonl"
-    lines = _lines(manifest)
-    # line 3 (brv_id_card: no hologram task) lists frames that do not exist: they must not be touched
-    lines[2]["assoc"] = {"flash": "frames/nope.png", "angles": ["frames/nope_a.png"]}
-    _write(manifest, lines)
-    ds = IdDataset(tiny_dataset, "train")
+def _record_loads(monkeypatch) -> list[str]:
+    """Spy on ``IdDataset._load_image``: the returned list collects every relative path it decodes."""
     opened: list[str] = []
     orig = IdDataset._load_image
 
@@ -111,6 +106,17 @@ def test_frames_not_loaded_when_no_applying_task_uses_them(tiny_dataset: Path, m
         return orig(self, rel, sample, field)
 
     monkeypatch.setattr(IdDataset, "_load_image", spy)
+    return opened
+
+
+def test_frames_not_loaded_when_no_applying_task_uses_them(tiny_dataset: Path, monkeypatch) -> None:
+    manifest = tiny_dataset / "train.jsonl"
+    lines = _lines(manifest)
+    # line 3 (brv_id_card: no hologram task) lists frames that do not exist: they must not be touched
+    lines[2]["assoc"] = {"flash": "frames/nope.png", "angles": ["frames/nope_a.png"]}
+    _write(manifest, lines)
+    ds = IdDataset(tiny_dataset, "train")
+    opened = _record_loads(monkeypatch)
     item = ds[2]
     assert "assoc" not in item and opened == [lines[2]["image"]]
     opened.clear()
@@ -121,14 +127,7 @@ def test_load_frames_off_opens_no_frame_and_masks_by_the_manifest(tiny_dataset: 
     # a model that reads no frames: nothing but the image is decoded, and a multi-frame label is masked exactly
     # where the frame-reading path would mask it for want of frames in the manifest (same labelled set)
     ds = IdDataset(tiny_dataset, "train", load_frames=False)
-    opened: list[str] = []
-    orig = IdDataset._load_image
-
-    def spy(self, rel, sample, field):
-        opened.append(rel)
-        return orig(self, rel, sample, field)
-
-    monkeypatch.setattr(IdDataset, "_load_image", spy)
+    opened = _record_loads(monkeypatch)
     j = ds.catalogue.index("hologram")
     item = ds[0]
     assert "assoc" not in item and opened == [ds.samples[0].image]
