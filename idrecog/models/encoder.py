@@ -124,11 +124,12 @@ class ViTEncoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def embed(self, imgs: Tensor) -> Tensor:
         """imgs: [N, 3, H, W] -> patch embeddings with position embeddings added: [N, L, D] (no prefix tokens)."""
-        x = self.vit.patch_embed(imgs)
+        return self.vit.patch_embed(imgs) + self.patch_pos_embed()
+
+    def patch_pos_embed(self) -> Tensor:
+        """The position embeddings of the patch tokens (prefix tokens' dropped): [1, L, D]."""
         pos = self.vit.pos_embed
-        if not self.vit.no_embed_class:
-            pos = pos[:, self.num_prefix_tokens :]
-        return x + pos
+        return pos if self.vit.no_embed_class else pos[:, self.num_prefix_tokens :]
 
     def prefix_tokens(self, n: int) -> Tensor:
         """The class (and register) tokens with their position embeddings: [N, P, D]."""
@@ -189,10 +190,7 @@ class ViTEncoder(nn.Module):
             patches.reshape(n, ids_keep.shape[1], c * p * p), pe.proj.weight.flatten(1), pe.proj.bias
         )
         x = pe.norm(x)
-        pos = self.vit.pos_embed
-        if not self.vit.no_embed_class:
-            pos = pos[:, self.num_prefix_tokens :]
-        pos = pos.expand(n, -1, -1)
+        pos = self.patch_pos_embed().expand(n, -1, -1)
         return x + torch.gather(pos, 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
 
     def forward_visible(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:

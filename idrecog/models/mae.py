@@ -230,8 +230,7 @@ class MaskedAutoencoder(nn.Module):
         x = vit.patch_embed(imgs)  # [N, L, D]
         m = mask.unsqueeze(-1).to(x.dtype)
         x = x * (1.0 - m) + self.enc_mask_token.to(x.dtype) * m
-        pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, self.num_prefix_tokens :]
-        x = torch.cat([self.encoder.prefix_tokens(n), x + pos], dim=1)
+        x = torch.cat([self.encoder.prefix_tokens(n), x + self.encoder.patch_pos_embed()], dim=1)
         return self.encoder.forward_tokens(x), mask, ids_restore
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
