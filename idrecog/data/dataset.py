@@ -289,9 +289,9 @@ class IdDataset(Dataset):
             if spec.uses_frames and not (
                 frames_available(spec.uses, frames["flash"], frames["angles"])
                 if frames is not None
-                # not decoded (the model reads no frames): the manifest decides, so every query design
-                # trains on the same labelled set
-                else not self.load_frames and frames_available(spec.uses, s.flash, s.angles)
+                # not decoded (load_frames off: the model reads no frames): the manifest decides, so every
+                # query design trains on the same labelled set
+                else frames_available(spec.uses, s.flash, s.angles)
             ):
                 frames_missing[j] = True
                 self.counts[f"frames_missing/{spec.name}"] += 1
