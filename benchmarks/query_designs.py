@@ -242,6 +242,7 @@ def run_one(
     return {
         "design": design,
         "seed": seed,
+        "image_mode": args.image_mode if design == "multimodal" else None,
         "steps_planned": steps,
         "steps": done_steps,
         "cut_by_time": done_steps < steps,
@@ -293,6 +294,12 @@ def primary_keys(catalogue: Any) -> dict[str, str]:
     }
 
 
+def label(r: dict[str, Any]) -> str:
+    """A run's row name: the design, plus the frame encoding when a multimodal run did not use the default."""
+    mode = r.get("image_mode", "shared")
+    return f"{r['design']} ({mode})" if r["design"] == "multimodal" and mode != "shared" else r["design"]
+
+
 def markdown(results: list[dict[str, Any]], baselines: dict[str, float], meta: dict[str, Any]) -> str:
     def f(x: Any, nd: int = 3) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
@@ -321,32 +328,39 @@ def markdown(results: list[dict[str, Any]], baselines: dict[str, float], meta: d
         if r.get("skipped"):
             steps = f"skipped: {r['skipped']}"
         lines.append(
-            f"| {r['design']} | {r['seed']} | {steps} | {f(m.get('val/hologram/accuracy'))} | "
+            f"| {label(r)} | {r['seed']} | {steps} | {f(m.get('val/hologram/accuracy'))} | "
             f"{f(m.get('val/nationality_match/accuracy'))} | {f(m.get('val/score'))} | "
             + "".join(f"{f(m.get(k))} | " for k in others.values())
             + f"{params(r.get('params_trainable'))} | {params(r.get('params_total'))} | "
             f"{f(r.get('train_images_per_s'), 1)} | {f(r.get('wall_s'), 0)} |"
         )
+    labels = list(dict.fromkeys(label(r) for r in done))
+    cols = {
+        "hologram acc": "val/hologram/accuracy",
+        "nationality_match acc": "val/nationality_match/accuracy",
+    }
+    cols |= {"val/score": "val/score"} | {f"{t} {short[t]}": k for t, k in others.items()}
     lines += [
         "",
-        "Mean over seeds:",
+        "Mean over seeds (± sample standard deviation where there are two or more runs):",
         "",
-        "| design | runs | hologram acc | nationality_match acc | val/score |",
+        "| design | runs | " + " | ".join(cols) + " |",
+        "|" + "---|" * (2 + len(cols)),
     ]
-    lines.append("|---|---|---|---|---|")
-    for d in DESIGNS:
-        rs = [r for r in done if r["design"] == d]
-        if not rs:
-            continue
-
-        def mean(key: str, rs: list[dict[str, Any]] = rs) -> float:
-            xs = [r["metrics"][key] for r in rs if key in r["metrics"]]
-            return sum(xs) / len(xs) if xs else float("nan")
-
-        lines.append(
-            f"| {d} | {len(rs)} | {f(mean('val/hologram/accuracy'))} | "
-            f"{f(mean('val/nationality_match/accuracy'))} | {f(mean('val/score'))} |"
-        )
+    for lab in labels:
+        rs = [r for r in done if label(r) == lab]
+        cells = []
+        for key in cols.values():
+            xs = [float(r["metrics"][key]) for r in rs if key in r["metrics"]]
+            if not xs:
+                cells.append("-")
+            elif len(xs) == 1:
+                cells.append(f(xs[0]))
+            else:
+                mu = sum(xs) / len(xs)
+                sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+                cells.append(f"{f(mu)} ± {f(sd)}")
+        lines.append(f"| {lab} | {len(rs)} | " + " | ".join(cells) + " |")
     b = baselines
     lines += [
         "",
@@ -423,6 +437,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--probe-steps", type=int, default=12, help="steps of the timing probe (--time-budget)")
     ap.add_argument("--out", default="runs/query_designs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RESULTS",
+        help="train nothing: merge earlier runs' results.json (or their folders) into one table in OUT",
+    )
     args = ap.parse_args(argv)
     if args.accelerator == "auto":
         args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
@@ -439,8 +459,44 @@ def device_name(accelerator: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cpus"
 
 
+def merge(sources: list[str], out: Path) -> str:
+    """One table from several runs of this script (e.g. seeds run one at a time). Every run must have had the
+    same step count; baselines and the catalogue come from the first source's data folder."""
+    from idrecog.data.catalogue import load_catalogue
+
+    results: list[dict[str, Any]] = []
+    metas: list[dict[str, Any]] = []
+    for src in sources:
+        path = Path(src) / "results.json" if Path(src).is_dir() else Path(src)
+        if not path.is_file():
+            raise SystemExit(f"--merge: {path} not found")
+        doc = json.loads(path.read_text())
+        metas.append(doc["meta"])
+        for r in doc["runs"]:
+            if r["design"] == "multimodal" and not r.get("image_mode"):  # written before the field existed
+                r["image_mode"] = doc["meta"]["args"].get("image_mode", "shared")
+            r["source"] = str(path)
+            results.append(r)
+    steps = {m["steps"] for m in metas}
+    if len(steps) != 1:
+        raise SystemExit(
+            f"--merge: the sources trained different step counts {sorted(steps)}; not comparable"
+        )
+    data = Path(metas[0]["data"])
+    catalogue = load_catalogue(data / "tasks.yaml")
+    for r in results:
+        r["catalogue"] = catalogue
+    meta = dict(metas[0], merged_from=[str(s) for s in sources])
+    return write_outputs(out, results, val_baselines(data), meta)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        md = merge(args.merge, Path(args.out))
+        print("\n" + md + "\n", flush=True)
+        print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}", flush=True)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")

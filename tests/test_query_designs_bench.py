@@ -37,3 +37,19 @@ def test_query_designs_under_a_time_budget(tmp_path: Path, capsys: pytest.Captur
     assert all("val/hologram/accuracy" in r["metrics"] for r in res["runs"])
     assert (out / "results.md").read_text().startswith("Query designs: 3 optimiser steps")
     assert res["baselines"]["nationality_match/n"] > 0 or "nationality_match/n" not in res["baselines"]
+
+    # --merge: runs made one seed at a time give one table with mean ± std per design; refuses mixed step counts
+    other = tmp_path / "other"
+    other.mkdir()
+    res["runs"] = [dict(r, seed=1, metrics=dict(r["metrics"], **{"val/score": 0.25})) for r in res["runs"]]
+    (other / "results.json").write_text(json.dumps(res))
+    merged = tmp_path / "merged"
+    assert mod.main(["--merge", str(out), str(other / "results.json"), "--out", str(merged)]) == 0
+    table = (merged / "results.md").read_text()
+    assert "| learned | 0 | 3 |" in table and "| learned | 1 | 3 |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| multimodal | 2 |"))
+    assert " ± " in row
+    res["meta"]["steps"] = 4
+    (other / "results.json").write_text(json.dumps(res))
+    with pytest.raises(SystemExit, match="different step counts"):
+        mod.main(["--merge", str(out), str(other), "--out", str(merged)])

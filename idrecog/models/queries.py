@@ -32,6 +32,7 @@ __all__ = [
     "list_query_providers",
     "module_key",
     "register_query_provider",
+    "zero_",
 ]
 
 _PROVIDERS: dict[str, type[TaskQueryProvider]] = {}
@@ -41,6 +42,15 @@ P = TypeVar("P", bound="type[TaskQueryProvider]")
 def module_key(name: str) -> str:
     """A task name usable as a ``ModuleDict``/``ParameterDict`` key (``train``, ``type``... clash with methods)."""
     return f"{name}_" if hasattr(nn.ModuleDict, name) or hasattr(nn.ParameterDict, name) else name
+
+
+def zero_(layer: nn.Linear) -> nn.Linear:
+    """Zero a provider's last projection, so that a conditioned design starts as its learned part alone and the
+    condition's contribution grows in training (as an adapter or a ControlNet branch does)."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
 
 
 class TaskQueryProvider(nn.Module):

@@ -5,6 +5,12 @@ owns N tokens (detection) gets N distinct tokens that share the text's meaning. 
 frozen encoder (the default) the sentence embeddings are computed once, in ``build``, and cached in a
 non-persistent buffer: checkpoints hold only the projection and the offsets, and a reloaded model re-reads the
 encoder from ``model_dir``. With ``freeze=False`` the encoder is a trainable submodule and runs every forward.
+
+``zero_init`` (default on): the projection's last layer starts at zero, so training starts from the offsets alone,
+i.e. from the learned design (distinct, nearly orthogonal tokens), and the text's part grows from there. Why: the
+sentence embedding is the same for all of a task's tokens and ~30x larger than the offsets, so with a random
+projection a segmentation task's K mask tokens started with cosine similarity 0.999 and had to be pulled apart
+before they could segment (card_mask mIoU 0.63 vs 0.73 for learned queries after 300 CPU steps).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from torch import Tensor, nn
 
 from idrecog.data.catalogue import TaskCatalogue
 from idrecog.errors import ConfigError
-from idrecog.models.queries import TaskQueryProvider, module_key, register_query_provider
+from idrecog.models.queries import TaskQueryProvider, module_key, register_query_provider, zero_
 from idrecog.text import encode_texts, load_text_encoder, mean_pool
 
 __all__ = ["TextQueries"]
@@ -31,14 +37,27 @@ class TextQueries(TaskQueryProvider):
         freeze: keep the text encoder frozen (embeddings cached once, not in checkpoints).
         max_length: token limit of a query text.
         std: init std of the per-slot offsets.
+        zero_init: start the text projection's last layer at zero (see the module docstring).
     """
 
     def __init__(
-        self, model_dir: str | None = None, freeze: bool = True, max_length: int = 64, std: float = 0.02
+        self,
+        model_dir: str | None = None,
+        freeze: bool = True,
+        max_length: int = 64,
+        std: float = 0.02,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
-        self.init_args = {"model_dir": model_dir, "freeze": freeze, "max_length": max_length, "std": std}
+        self.init_args = {
+            "model_dir": model_dir,
+            "freeze": freeze,
+            "max_length": max_length,
+            "std": std,
+            "zero_init": bool(zero_init),
+        }
         self.model_dir, self.freeze, self.max_length, self.std = model_dir, freeze, max_length, std
+        self.zero_init = bool(zero_init)
         self.tasks: list[str] = []
         self.texts: list[str] = []
         self.offsets = nn.ParameterDict()
@@ -56,6 +75,8 @@ class TextQueries(TaskQueryProvider):
         self._tokenizer = tok
         hidden = int(enc.config.hidden_size)
         self.proj = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+        if self.zero_init:
+            zero_(self.proj[-1])
         for task in self.tasks:
             n = int(query_counts[task])
             if n < 1:
