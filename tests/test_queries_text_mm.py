@@ -160,13 +160,13 @@ def test_masked_information_does_not_change_queries(tiny_bert: str) -> None:
     torch.manual_seed(0)
     p = build(
         MultimodalQueries(
-            # zero_init off: with a zero output projection nothing could change the queries, leak or not
+            # combine add: with FiLM's zero output projection nothing could change the queries, leak or not
             model_dir=tiny_bert,
             width=16,
             num_heads=2,
             image_mode="separate",
             frame_pool=(1, 2),
-            zero_init=False,
+            combine="add",
         ),
         user_spec=USER_STATE,
     ).eval()
@@ -249,37 +249,46 @@ def _mean_abs_cos(q: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("design", ["text", "multimodal"])
-def test_zero_init_starts_as_learned_tokens_and_opens_in_training(design: str, tiny_bert: str) -> None:
-    """zero_init: a conditioned design starts from distinct per-token embeddings (the learned design), not from
-    K copies of the text's vector, and one optimiser step opens the conditional path."""
+def test_film_keeps_a_tasks_tokens_distinct_and_opens_in_training(design: str, tiny_bert: str) -> None:
+    """combine=film: a conditioned design starts from distinct per-token embeddings (the learned design), not
+    from K copies of the text's vector, stays distinct while the condition grows, and the condition's path opens
+    in training; combine=add starts from near-copies."""
     counts = dict(COUNTS, card_mask=4, fields=8)
-    torch.manual_seed(0)
-    if design == "text":
-        p, kw = TextQueries(model_dir=tiny_bert), {}
-    else:
-        p = MultimodalQueries(
-            model_dir=tiny_bert, width=16, num_heads=2, image_mode="separate", frame_pool=(1, 2)
-        )
-        kw = {"user_spec": USER_STATE}
-    p.build(CAT, counts, 24, **kw)
-    batch = mixed_batch()
+
+    def make(combine: str):
+        torch.manual_seed(0)
+        if design == "text":
+            p, kw = TextQueries(model_dir=tiny_bert, combine=combine), {}
+        else:
+            p = MultimodalQueries(
+                model_dir=tiny_bert,
+                width=16,
+                num_heads=2,
+                image_mode="separate",
+                frame_pool=(1, 2),
+                combine=combine,
+            )
+            kw = {"user_spec": USER_STATE}
+        p.build(CAT, counts, 24, **kw)
+        return p
+
+    p, batch = make("film"), mixed_batch()
     for task in ("card_mask", "fields"):
         assert _mean_abs_cos(p([task], 1, batch)[0]) < 0.5, task  # distinct tokens from the first step
-    torch.manual_seed(0)
-    off = type(p)(**{**p.init_args, "zero_init": False})
-    off.build(CAT, counts, 24, **kw)
-    assert _mean_abs_cos(off(["card_mask"], 1, batch)[0]) > 0.9  # what zero_init avoids: near-copies
-    if design == "multimodal":
-        q0 = p(["hologram"], 4, batch)
-        torch.testing.assert_close(q0[0], q0[2])  # at init the frames do not move the queries yet
-    opt = torch.optim.AdamW(p.parameters(), lr=1e-2)
-    target = torch.randn(4, counts["hologram"], 24)
-    ((p(["hologram"], 4, batch) - target) ** 2).mean().backward()
-    opt.step()
+    assert _mean_abs_cos(make("add")(["card_mask"], 1, batch)[0]) > 0.9  # what film avoids: near-copies
+    q0 = p(["hologram"], 4, batch)
+    torch.testing.assert_close(q0[0], q0[2])  # at init the condition does not move the queries yet
+    # train every token towards its own random target (as the heads would): the condition grows, tokens stay apart
+    opt = torch.optim.AdamW(p.parameters(), lr=2e-3)
+    target = torch.randn(4, 4, 24)
+    for _ in range(20):
+        loss = ((torch.nn.functional.layer_norm(p(["card_mask"], 4, batch), (24,)) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     with torch.no_grad():
-        q1 = p(["hologram"], 4, batch)
-        emb = p.proj(p.task_embeddings()) if design == "text" else None
-    if design == "text":
-        assert emb.abs().sum() > 0  # the text's part is no longer zero
-    else:
-        assert not torch.allclose(q1[0], q1[2])  # sample 0 has frames, sample 2 none: queries now differ
+        cond = p.proj(p.task_embeddings()) if design == "text" else p.out_proj[-1].weight
+        assert cond.abs().sum() > 0  # the condition's path is open
+        assert _mean_abs_cos(p(["card_mask"], 1, batch)[0]) < 0.5
+    with pytest.raises(ConfigError, match="combine"):
+        type(p)(combine="concat")

@@ -30,11 +30,13 @@ not within a few hundred steps; a random ViT's pooled features separate genuine 
 0.76 for the angle frames and 0.51 once the flash enters, against 1.00 for pixel differences (CPU check on
 the synthetic benchmark at 96 x 160).
 
-Start (``zero_init``, default on): each query is a learned per-token embedding (initialised as in the learned
-design) plus the converter's output, whose last projection starts at zero. So training starts from the learned
-design and the information-dependent part grows where it helps. Why: every token of a task reads the same text
-and information, so with a random projection the K tokens of a segmentation task started nearly identical
-(cosine similarity 0.985; learned tokens: ~0) and had to be pulled apart before they could segment.
+Combining (``combine``, default ``film``): each query token is a learned per-token embedding (initialised as in
+the learned design) scaled element-wise by ``1 +`` the converter's output at that token's slot, whose last
+projection starts at zero. So training starts from the learned design, and the text, frames and user data
+modulate the tokens without making a task's tokens alike. ``add`` is the first design: the converter's output
+(random projection) is the query. Why: every token of a task reads the same text and information, so an
+additive output made the 4 mask tokens of card_mask nearly identical (cosine 0.985 at initialisation; learned
+tokens ~0), and they had to be pulled apart before they could segment.
 
 User attributes and behaviour come in the encodings of :class:`idrecog.data.user.UserFeatureEncoder`; the
 vocabulary sizes come from its fitted state (``user_spec``), which ``UnifiedModule`` keeps in its
@@ -53,7 +55,13 @@ from torch import Tensor, nn
 from idrecog.data.catalogue import TaskCatalogue
 from idrecog.data.user import UserFeatureEncoder
 from idrecog.errors import ConfigError
-from idrecog.models.queries import TaskQueryProvider, module_key, register_query_provider, zero_
+from idrecog.models.queries import (
+    TaskQueryProvider,
+    check_combine,
+    module_key,
+    register_query_provider,
+    zero_,
+)
 from idrecog.text import encode_texts, load_text_encoder
 
 __all__ = ["IMAGE_MODES", "KINDS", "MultimodalQueries"]
@@ -81,8 +89,8 @@ class MultimodalQueries(TaskQueryProvider):
         frame_change: tilt-change features for tasks that use angle frames (see the module docstring).
         max_length: token limit of a query text.
         std: init std of the learned tokens.
-        zero_init: each query = a learned per-token embedding (as in the learned design) + the converter's
-            output, whose last projection starts at zero (see the module docstring).
+        combine: ``film`` (default: learned per-token embeddings scaled by 1 + the converter's output) or
+            ``add`` (the converter's output is the query); see the module docstring.
     """
 
     consumes_frames = True
@@ -100,7 +108,7 @@ class MultimodalQueries(TaskQueryProvider):
         max_length: int = 64,
         std: float = 0.02,
         frame_change: bool = True,
-        zero_init: bool = True,
+        combine: str = "film",
     ) -> None:
         super().__init__()
         if image_mode not in IMAGE_MODES:
@@ -117,14 +125,14 @@ class MultimodalQueries(TaskQueryProvider):
             "max_length": max_length,
             "std": std,
             "frame_change": bool(frame_change),
-            "zero_init": bool(zero_init),
+            "combine": check_combine(combine),
         }
         self.model_dir, self.width, self.image_mode = model_dir, width, image_mode
         self.frame_pool = (int(frame_pool[0]), int(frame_pool[1]))
         self.patch_size, self.max_length, self.std = patch_size, max_length, std
         self.depth, self.num_heads, self.mlp_ratio = depth, num_heads, mlp_ratio
         self.frame_change = bool(frame_change)
-        self.zero_init = bool(zero_init)
+        self.combine = combine
         self.tasks: list[str] = []
         self.frame_kinds: dict[
             str, tuple[bool, bool]
@@ -203,7 +211,7 @@ class MultimodalQueries(TaskQueryProvider):
         )
         self.converter = nn.TransformerEncoder(layer, self.depth, enable_nested_tensor=False)
         self.out_proj = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, dim))
-        if self.zero_init:
+        if self.combine == "film":
             zero_(self.out_proj[-1])
             self.base = nn.ParameterDict(
                 {
@@ -370,8 +378,8 @@ class MultimodalQueries(TaskQueryProvider):
             self.last_inputs[t] = {"kinds": inp["kinds"], "valid": inp["valid"].detach()}
             h = self.converter(inp["tokens"], src_key_padding_mask=~inp["valid"])
             q = self.out_proj(h[:, : self.query_counts[t]])  # [B', Q_t, dim]
-            if self.zero_init:
-                q = q + self.base[module_key(t)]
+            if self.combine == "film":
+                q = self.base[module_key(t)] * (1.0 + q)
             out.append(q.expand(batch_size, -1, -1))
         return torch.cat(out, dim=1)
 

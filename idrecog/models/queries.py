@@ -26,8 +26,10 @@ from idrecog.data.catalogue import TaskCatalogue
 from idrecog.errors import ConfigError
 
 __all__ = [
+    "COMBINES",
     "LearnedQueries",
     "TaskQueryProvider",
+    "check_combine",
     "create_query_provider",
     "list_query_providers",
     "module_key",
@@ -44,9 +46,21 @@ def module_key(name: str) -> str:
     return f"{name}_" if hasattr(nn.ModuleDict, name) or hasattr(nn.ParameterDict, name) else name
 
 
+COMBINES = ("film", "add")
+
+
+def check_combine(combine: str) -> str:
+    """Validate how a conditioned provider combines its per-token embeddings with the condition (text, frames,
+    user data): ``film`` = ``token * (1 + cond)``, the condition's last projection starting at zero; ``add`` =
+    ``cond + token`` with a random projection (the first design)."""
+    if combine not in COMBINES:
+        raise ConfigError(f"queries.combine must be one of {COMBINES}, got {combine!r}")
+    return combine
+
+
 def zero_(layer: nn.Linear) -> nn.Linear:
-    """Zero a provider's last projection, so that a conditioned design starts as its learned part alone and the
-    condition's contribution grows in training (as an adapter or a ControlNet branch does)."""
+    """Zero a provider's last projection, so that a FiLM-conditioned design starts as its learned tokens alone
+    and the condition's modulation grows in training."""
     nn.init.zeros_(layer.weight)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
