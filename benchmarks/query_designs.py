@@ -183,6 +183,8 @@ def cli_args(
         argv += ["--model.encoder.init_args.depth=2", "--model.decoder.init_args.depth=1"]
     if design in ("text", "multimodal") and args.text_dir is not None:
         argv += [f"--model.queries.model_dir={args.text_dir}"]
+    if design in ("text", "multimodal"):
+        argv += [f"--model.queries.combine={args.combine}"]
     if design == "multimodal":
         argv += [f"--model.queries.image_mode={args.image_mode}"]
         if args.no_frame_change:
@@ -243,6 +245,7 @@ def run_one(
         "design": design,
         "seed": seed,
         "image_mode": args.image_mode if design == "multimodal" else None,
+        "combine": args.combine if design in ("text", "multimodal") else None,
         "steps_planned": steps,
         "steps": done_steps,
         "cut_by_time": done_steps < steps,
@@ -295,9 +298,14 @@ def primary_keys(catalogue: Any) -> dict[str, str]:
 
 
 def label(r: dict[str, Any]) -> str:
-    """A run's row name: the design, plus the frame encoding when a multimodal run did not use the default."""
-    mode = r.get("image_mode", "shared")
-    return f"{r['design']} ({mode})" if r["design"] == "multimodal" and mode != "shared" else r["design"]
+    """A run's row name: the design, plus its settings where they differ from the defaults (multimodal frame
+    encoding, how text/multimodal combine the condition)."""
+    extra = []
+    if r["design"] == "multimodal" and r.get("image_mode", "shared") != "shared":
+        extra.append(r["image_mode"])
+    if r["design"] in ("text", "multimodal") and r.get("combine", "film") != "film":
+        extra.append(f"combine {r['combine']}")
+    return f"{r['design']} ({', '.join(extra)})" if extra else r["design"]
 
 
 def markdown(results: list[dict[str, Any]], baselines: dict[str, float], meta: dict[str, Any]) -> str:
@@ -424,6 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--image-mode", default="shared", choices=("shared", "shared_frozen", "separate"))
     ap.add_argument(
+        "--combine", default="film", choices=("film", "add"), help="text/multimodal: how the condition enters"
+    )
+    ap.add_argument(
         "--no-frame-change",
         action="store_true",
         help="multimodal without the per-cell frame-change tokens (the converter as first shipped)",
@@ -475,6 +486,8 @@ def merge(sources: list[str], out: Path) -> str:
         for r in doc["runs"]:
             if r["design"] == "multimodal" and not r.get("image_mode"):  # written before the field existed
                 r["image_mode"] = doc["meta"]["args"].get("image_mode", "shared")
+            if r["design"] in ("text", "multimodal") and not r.get("combine"):
+                r["combine"] = doc["meta"]["args"].get("combine", "add")  # runs before the option: additive
             r["source"] = str(path)
             results.append(r)
     steps = {m["steps"] for m in metas}
