@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as `python3 benchmarks/query_designs.py` without installing idrecog
 DESIGNS = ("learned", "text", "multimodal")
 TASKS_OF_INTEREST = ("hologram", "nationality_match")
+DEFAULT_COMBINE = {"text": "film", "multimodal": "add"}  # the providers' defaults: rows name other settings
 REPORT_RESERVE_S = 12.0  # kept back from the time budget for validation bookkeeping, the table and the report
 
 
@@ -183,8 +184,9 @@ def cli_args(
         argv += ["--model.encoder.init_args.depth=2", "--model.decoder.init_args.depth=1"]
     if design in ("text", "multimodal") and args.text_dir is not None:
         argv += [f"--model.queries.model_dir={args.text_dir}"]
-    if design in ("text", "multimodal"):
+    if design in ("text", "multimodal") and args.combine:
         argv += [f"--model.queries.combine={args.combine}"]
+    argv += [f"--{kv}" for kv in args.set]
     if design == "multimodal":
         argv += [f"--model.queries.image_mode={args.image_mode}"]
         if args.no_frame_change:
@@ -236,6 +238,7 @@ def run_one(
     total = sum(p.numel() for p in model.parameters())
     st = tp.step_times[2:] or tp.step_times
     catalogue, done_steps = cli.model.catalogue, int(trainer.global_step)
+    combine = getattr(cli.model.model.queries, "combine", None)  # the provider's own default unless --combine
     # release this run's loader workers (and their image caches) and GPU memory before the next run
     del cli, trainer, model
     gc.collect()
@@ -245,7 +248,8 @@ def run_one(
         "design": design,
         "seed": seed,
         "image_mode": args.image_mode if design == "multimodal" else None,
-        "combine": args.combine if design in ("text", "multimodal") else None,
+        "combine": combine,
+        "set": list(args.set),
         "steps_planned": steps,
         "steps": done_steps,
         "cut_by_time": done_steps < steps,
@@ -303,8 +307,9 @@ def label(r: dict[str, Any]) -> str:
     extra = []
     if r["design"] == "multimodal" and r.get("image_mode", "shared") != "shared":
         extra.append(r["image_mode"])
-    if r["design"] in ("text", "multimodal") and r.get("combine", "film") != "film":
+    if r.get("combine") and r["combine"] != DEFAULT_COMBINE.get(r["design"]):
         extra.append(f"combine {r['combine']}")
+    extra += r.get("set") or []
     return f"{r['design']} ({', '.join(extra)})" if extra else r["design"]
 
 
@@ -432,7 +437,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--image-mode", default="shared", choices=("shared", "shared_frozen", "separate"))
     ap.add_argument(
-        "--combine", default="film", choices=("film", "add"), help="text/multimodal: how the condition enters"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more LightningCLI argument for every run, e.g. model.task_weights={hologram: 0} (repeatable)",
+    )
+    ap.add_argument(
+        "--combine",
+        default=None,
+        choices=("film", "add"),
+        help="text/multimodal: how the condition enters (default: each provider's own, text film, multimodal add)",
     )
     ap.add_argument(
         "--no-frame-change",

@@ -30,13 +30,13 @@ not within a few hundred steps; a random ViT's pooled features separate genuine 
 0.76 for the angle frames and 0.51 once the flash enters, against 1.00 for pixel differences (CPU check on
 the synthetic benchmark at 96 x 160).
 
-Combining (``combine``, default ``film``): each query token is a learned per-token embedding (initialised as in
-the learned design) scaled element-wise by ``1 +`` the converter's output at that token's slot, whose last
-projection starts at zero. So training starts from the learned design, and the text, frames and user data
-modulate the tokens without making a task's tokens alike. ``add`` is the first design: the converter's output
-(random projection) is the query. Why: every token of a task reads the same text and information, so an
-additive output made the 4 mask tokens of card_mask nearly identical (cosine 0.985 at initialisation; learned
-tokens ~0), and they had to be pulled apart before they could segment.
+Combining (``combine``): with ``add`` (the default) the converter's output at a task's slots is its queries; with
+``film`` each query token is a learned per-token embedding (initialised as in the learned design) scaled
+element-wise by ``1 +`` the converter's output at that token's slot, whose last projection starts at zero (as
+``TextQueries`` does by default). ``film`` keeps a task's tokens distinct from the start (an additive output made
+card_mask's 4 mask tokens start at cosine 0.985), but here it did not buy card_mask back and learned
+nationality_match more slowly (300 CPU steps: 0.88-0.90 against 0.97-0.98 with ``add``; docs/task-queries.md),
+so ``add`` stays the default.
 
 User attributes and behaviour come in the encodings of :class:`idrecog.data.user.UserFeatureEncoder`; the
 vocabulary sizes come from its fitted state (``user_spec``), which ``UnifiedModule`` keeps in its
@@ -89,8 +89,8 @@ class MultimodalQueries(TaskQueryProvider):
         frame_change: tilt-change features for tasks that use angle frames (see the module docstring).
         max_length: token limit of a query text.
         std: init std of the learned tokens.
-        combine: ``film`` (default: learned per-token embeddings scaled by 1 + the converter's output) or
-            ``add`` (the converter's output is the query); see the module docstring.
+        combine: ``add`` (default: the converter's output is the query) or ``film`` (learned per-token
+            embeddings scaled by 1 + the converter's output); see the module docstring.
     """
 
     consumes_frames = True
@@ -108,7 +108,7 @@ class MultimodalQueries(TaskQueryProvider):
         max_length: int = 64,
         std: float = 0.02,
         frame_change: bool = True,
-        combine: str = "film",
+        combine: str = "add",
     ) -> None:
         super().__init__()
         if image_mode not in IMAGE_MODES:
