@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -51,9 +52,10 @@ from lightning.pytorch import Callback  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as `python3 benchmarks/query_designs.py` without installing idrecog
+from idrecog.models.queries import COMBINES  # noqa: E402
+
 DESIGNS = ("learned", "text", "multimodal")
 TASKS_OF_INTEREST = ("hologram", "nationality_match")
-DEFAULT_COMBINE = {"text": "film", "multimodal": "add"}  # the providers' defaults: rows name other settings
 REPORT_RESERVE_S = 12.0  # kept back from the time budget for validation bookkeeping, the table and the report
 
 
@@ -301,13 +303,24 @@ def primary_keys(catalogue: Any) -> dict[str, str]:
     }
 
 
+def default_combine(design: str) -> str | None:
+    """The provider's own ``combine`` default (rows name only settings that differ from it)."""
+    import inspect
+
+    from idrecog.models.multimodal import MultimodalQueries
+    from idrecog.models.queries_text import TextQueries
+
+    cls = {"text": TextQueries, "multimodal": MultimodalQueries}.get(design)
+    return None if cls is None else inspect.signature(cls).parameters["combine"].default
+
+
 def label(r: dict[str, Any]) -> str:
     """A run's row name: the design, plus its settings where they differ from the defaults (multimodal frame
     encoding, how text/multimodal combine the condition)."""
     extra = []
     if r["design"] == "multimodal" and r.get("image_mode", "shared") != "shared":
         extra.append(r["image_mode"])
-    if r.get("combine") and r["combine"] != DEFAULT_COMBINE.get(r["design"]):
+    if r.get("combine") and r["combine"] != default_combine(r["design"]):
         extra.append(f"combine {r['combine']}")
     extra += r.get("set") or []
     return f"{r['design']} ({', '.join(extra)})" if extra else r["design"]
@@ -370,9 +383,7 @@ def markdown(results: list[dict[str, Any]], baselines: dict[str, float], meta: d
             elif len(xs) == 1:
                 cells.append(f(xs[0]))
             else:
-                mu = sum(xs) / len(xs)
-                sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
-                cells.append(f"{f(mu)} ± {f(sd)}")
+                cells.append(f"{f(statistics.mean(xs))} ± {f(statistics.stdev(xs))}")
         lines.append(f"| {lab} | {len(rs)} | " + " | ".join(cells) + " |")
     b = baselines
     lines += [
@@ -446,7 +457,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--combine",
         default=None,
-        choices=("film", "add"),
+        choices=COMBINES,
         help="text/multimodal: how the condition enters (default: each provider's own, text film, multimodal add)",
     )
     ap.add_argument(
