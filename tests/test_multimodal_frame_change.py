@@ -16,9 +16,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def provider(tiny_bert: str, **kw) -> MultimodalQueries:
     torch.manual_seed(0)
-    kw.setdefault(
-        "combine", "add"
-    )  # FiLM's zero output projection would make the no-leak checks trivially true
+    # add: film's zero output projection would make the no-leak checks below trivially true
+    kw.setdefault("combine", "add")
     p = MultimodalQueries(
         model_dir=tiny_bert, width=16, num_heads=2, image_mode="separate", frame_pool=(1, 2), **kw
     )
