@@ -12,7 +12,7 @@ from idrecog.data.user import UserFeatureEncoder
 from idrecog.errors import ConfigError
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.multimodal import FRAME, KINDS, USER, MultimodalQueries
-from idrecog.models.queries import LearnedQueries
+from idrecog.models.queries import LearnedQueries, module_key
 from idrecog.models.queries_text import TextQueries
 
 WORDS = (
@@ -292,3 +292,40 @@ def test_film_keeps_a_tasks_tokens_distinct_and_opens_in_training(design: str, t
         assert _mean_abs_cos(p(["card_mask"], 1, batch)[0]) < 0.5
     with pytest.raises(ConfigError, match="combine"):
         type(p)(combine="concat")
+
+
+def test_static_queries_text_bypasses_the_converter_for_tasks_without_associated_information(
+    tiny_bert: str,
+) -> None:
+    """static_queries='text': tasks that read neither frames nor user info get TextQueries' film path
+    (per-token embedding x (1 + proj(pooled text)), proj from zero): no converter slots, the same tokens for every
+    sample; tasks that read frames or user info still go through the converter; every parameter trains."""
+    torch.manual_seed(0)
+    p = MultimodalQueries(
+        model_dir=tiny_bert,
+        width=16,
+        num_heads=2,
+        image_mode="separate",
+        frame_pool=(1, 2),
+        static_queries="text",
+    )
+    p.build(CAT, COUNTS, 24, user_spec=USER_STATE)
+    reads = {s.name for s in CAT if s.uses_frames or s.uses_user}
+    assert reads and p.static_tasks == set(CAT.names) - reads
+    assert set(p.slots.keys()) == {module_key(t) for t in reads}
+    batch = mixed_batch()
+    static = sorted(p.static_tasks)[0]
+    q = p([static], 4, batch)
+    torch.testing.assert_close(
+        q[0], p.static_base[module_key(static)]
+    )  # proj starts at zero: the learned tokens alone
+    torch.testing.assert_close(q[0], q[3])
+    with pytest.raises(ValueError, match="bypasses the converter"):
+        p.inputs_for(static, 4, batch)
+    user_task = next(s.name for s in CAT if s.uses_user)
+    qu = p([user_task], 4, batch)
+    assert not torch.allclose(qu[0], qu[2])  # converter tasks still read the sample's information
+    p(list(CAT.names), 4, batch).square().sum().backward()
+    assert [n for n, x in p.named_parameters() if x.grad is None] == []
+    with pytest.raises(ConfigError, match="static_queries"):
+        MultimodalQueries(static_queries="pooled")
