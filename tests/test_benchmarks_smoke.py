@@ -4,6 +4,7 @@ dataset) runs in-process and prints its table and ratio lines; ``make bench`` li
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -65,3 +66,17 @@ def test_make_bench_lists_every_cpu_script() -> None:
     for name in ("overhead.py", "scaling.py", "data_pipeline.py", "unified_vs_separate.py"):
         assert name in listed and (BENCH / name).is_file()
         assert listed[name] == ["--quick"]
+
+
+def test_image_quality_probe_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
+    assert _load("image_quality_probe").main(["--smoke", "--data", str(synth_root)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert any(k.startswith("1. ridge") for k in rows) and any(k.startswith("3. frozen") for k in rows)
+    assert sum(k.startswith("4. encoder trained") for k in rows) == 2  # one per default encoder lr scale
+    maes = [
+        float(line.rstrip(" |").split(" | ")[-1])
+        for k, line in rows.items()
+        if k[0].isdigit() or k.startswith("mean")
+    ]
+    assert all(math.isfinite(v) and v >= 0 for v in maes)
