@@ -153,6 +153,8 @@ class MultimodalQueries(TaskQueryProvider):
             str, tuple[bool, bool]
         ] = {}  # task -> (uses flash, uses angles), multi-frame only
         self.user_tasks: set[str] = set()
+        #: tasks that bypass the converter (``static_queries="text"``), set in ``build``
+        self.static_tasks: set[str] = set()
         self.user_spec: dict[str, Any] | None = None
         self._shared: tuple[nn.Module, ...] = ()  # the model's encoder, not registered (no duplicate weights)
         #: per task, the last converter input: {"kinds": long [S], "valid": bool [B or 1, S]} (for tests, debugging)
@@ -187,7 +189,7 @@ class MultimodalQueries(TaskQueryProvider):
             s.name: ("flash" in s.uses, "angles" in s.uses) for s in catalogue if s.uses_frames
         }
         self.user_tasks = {s.name for s in catalogue if s.uses_user}
-        self.static_tasks: set[str] = set()
+        self.static_tasks = set()
         if self.static_queries == "text":
             reads = set(self.frame_kinds) | self.user_tasks
             self.static_tasks = {t for t in self.tasks if t not in reads}
