@@ -90,6 +90,12 @@ def tiny_encoder() -> ViTEncoder:
     return ViTEncoder("vit_tiny_patch16_224", img_size=(H, W), depth=1, embed_dim=32, num_heads=2)
 
 
+def tiny_multimodal(tiny_bert: str, **kw) -> MultimodalQueries:
+    """A small converter over the tiny BERT: width 16, 2 heads, frames pooled to 1 x 2 (``separate`` unless given)."""
+    kw.setdefault("image_mode", "separate")
+    return MultimodalQueries(model_dir=tiny_bert, width=16, num_heads=2, frame_pool=(1, 2), **kw)
+
+
 def build(provider, dim: int = 24, **kw):
     provider.build(CAT, COUNTS, dim, **kw)
     return provider
@@ -104,7 +110,7 @@ def test_every_provider_gives_decoder_shaped_queries(design: str, tiny_bert: str
         p = TextQueries(model_dir=tiny_bert)
     else:
         mode = "separate" if design.endswith("separate") else "shared"
-        p = MultimodalQueries(model_dir=tiny_bert, width=16, num_heads=2, image_mode=mode, frame_pool=(1, 2))
+        p = tiny_multimodal(tiny_bert, image_mode=mode)
         kw = {"encoder": tiny_encoder(), "user_spec": USER_STATE}
     build(p, **kw)
     batch = mixed_batch()
@@ -124,7 +130,7 @@ def test_every_provider_gives_decoder_shaped_queries(design: str, tiny_bert: str
 
 def test_converter_input_masks(tiny_bert: str) -> None:
     p = build(
-        MultimodalQueries(model_dir=tiny_bert, width=16, num_heads=2, frame_pool=(1, 2)),
+        tiny_multimodal(tiny_bert, image_mode="shared"),
         encoder=tiny_encoder(),
         user_spec=USER_STATE,
     )
@@ -159,15 +165,8 @@ def test_masked_information_does_not_change_queries(tiny_bert: str) -> None:
     """Values behind the key padding mask cannot leak: changing them leaves the queries unchanged."""
     torch.manual_seed(0)
     p = build(
-        MultimodalQueries(
-            # combine add: with FiLM's zero output projection nothing could change the queries, leak or not
-            model_dir=tiny_bert,
-            width=16,
-            num_heads=2,
-            image_mode="separate",
-            frame_pool=(1, 2),
-            combine="add",
-        ),
+        # combine add: with FiLM's zero output projection nothing could change the queries, leak or not
+        tiny_multimodal(tiny_bert, combine="add"),
         user_spec=USER_STATE,
     ).eval()
     batch = mixed_batch()
@@ -183,9 +182,7 @@ def test_masked_information_does_not_change_queries(tiny_bert: str) -> None:
 def test_shared_frozen_keeps_encoder_out_of_the_graph(tiny_bert: str) -> None:
     enc = tiny_encoder()
     p = build(
-        MultimodalQueries(
-            model_dir=tiny_bert, width=16, num_heads=2, image_mode="shared_frozen", frame_pool=(1, 2)
-        ),
+        tiny_multimodal(tiny_bert, image_mode="shared_frozen"),
         encoder=enc,
         user_spec=USER_STATE,
     )
@@ -260,14 +257,7 @@ def test_film_keeps_a_tasks_tokens_distinct_and_opens_in_training(design: str, t
         if design == "text":
             p, kw = TextQueries(model_dir=tiny_bert, combine=combine), {}
         else:
-            p = MultimodalQueries(
-                model_dir=tiny_bert,
-                width=16,
-                num_heads=2,
-                image_mode="separate",
-                frame_pool=(1, 2),
-                combine=combine,
-            )
+            p = tiny_multimodal(tiny_bert, combine=combine)
             kw = {"user_spec": USER_STATE}
         p.build(CAT, counts, 24, **kw)
         return p
@@ -301,14 +291,7 @@ def test_static_queries_text_bypasses_the_converter_for_tasks_without_associated
     (per-token embedding x (1 + proj(pooled text)), proj from zero): no converter slots, the same tokens for every
     sample; tasks that read frames or user info still go through the converter; every parameter trains."""
     torch.manual_seed(0)
-    p = MultimodalQueries(
-        model_dir=tiny_bert,
-        width=16,
-        num_heads=2,
-        image_mode="separate",
-        frame_pool=(1, 2),
-        static_queries="text",
-    )
+    p = tiny_multimodal(tiny_bert, static_queries="text")
     p.build(CAT, COUNTS, 24, user_spec=USER_STATE)
     reads = {s.name for s in CAT if s.uses_frames or s.uses_user}
     assert reads and p.static_tasks == set(CAT.names) - reads
@@ -316,9 +299,8 @@ def test_static_queries_text_bypasses_the_converter_for_tasks_without_associated
     batch = mixed_batch()
     static = sorted(p.static_tasks)[0]
     q = p([static], 4, batch)
-    torch.testing.assert_close(
-        q[0], p.static_base[module_key(static)]
-    )  # proj starts at zero: the learned tokens alone
+    # the projection starts at zero: the learned tokens alone
+    torch.testing.assert_close(q[0], p.static_base[module_key(static)])
     torch.testing.assert_close(q[0], q[3])
     with pytest.raises(ValueError, match="bypasses the converter"):
         p.inputs_for(static, 4, batch)
