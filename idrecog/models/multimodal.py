@@ -409,10 +409,11 @@ class MultimodalQueries(TaskQueryProvider):
         """-> [B, sum(Q_t), dim]: each sample's query tokens for the tasks, in order."""
         cache: dict[str, Any] = {}
         out = []
+        # one projection of every pooled text per forward, as TextQueries does
+        film = self.static_proj(self.text_pooled) if self.static_tasks else None  # [T, dim]
         for t in tasks:
-            if t in self.static_tasks:
-                i = self.tasks.index(t)
-                q = self.static_base[module_key(t)] * (1.0 + self.static_proj(self.text_pooled[i]))
+            if film is not None and t in self.static_tasks:
+                q = self.static_base[module_key(t)] * (1.0 + film[self.tasks.index(t)])
                 out.append(q.unsqueeze(0).expand(batch_size, -1, -1))
                 continue
             inp = self.inputs_for(t, batch_size, batch, cache)
