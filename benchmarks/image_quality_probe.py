@@ -141,8 +141,10 @@ def train_readout(
     steps: int,
     encoder_lr_scale: float | None,
     dim: int,
+    frozen_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
-    """Decoder + regression head (+ the encoder when ``encoder_lr_scale`` is set) on image_quality alone."""
+    """Decoder + regression head (+ the encoder when ``encoder_lr_scale`` is set) on image_quality alone.
+    ``frozen_tokens``: the frozen encoder's (train, val) tokens when they are already computed."""
     torch.manual_seed(0)
     dec = TaskDecoder(dim=dim, depth=2, num_heads=4)
     dec.build(int(enc.embed_dim), tuple(enc.grid_size))
@@ -150,7 +152,9 @@ def train_readout(
     query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
     groups = [{"params": [*dec.parameters(), *head.parameters(), query], "lr": LR}]
     frozen = encoder_lr_scale is None
-    cached_t = tokens(enc, xt) if frozen else None
+    if frozen and frozen_tokens is None:
+        frozen_tokens = tokens(enc, xt), tokens(enc, xv)
+    cached_t = frozen_tokens[0] if frozen and frozen_tokens is not None else None
     if not frozen:
         groups.append({"params": list(enc.parameters()), "lr": LR * float(encoder_lr_scale)})
     opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WD)
@@ -172,7 +176,7 @@ def train_readout(
         opt.zero_grad()
         loss.backward()
         opt.step()
-    tv = tokens(enc, xv)
+    tv = frozen_tokens[1] if frozen and frozen_tokens is not None else tokens(enc, xv)
     with torch.no_grad():
         return float((predict(None, tv) - yv).abs().mean())
 
@@ -213,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_unified(args.ckpt).eval().model
         encoders.append((f"trained encoder ({args.ckpt})", model.encoder))
+    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the random encoder's are reused in check 3
     for name, enc in encoders:
-        tt, tv = tokens(enc, xt), tokens(enc, xv)
+        tt, tv = encoded[name] = tokens(enc, xt), tokens(enc, xv)
         for std in (False, True):
             what = "mean- and std-pooled" if std else "mean-pooled"
             rows.append(
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(
         (
             f"3. frozen random encoder + decoder + head, {steps} steps",
-            train_readout(rand, xt, yt, xv, yv, steps, None, dim),
+            train_readout(rand, xt, yt, xv, yv, steps, None, dim, encoded["random encoder"]),
         )
     )
     for scale in args.encoder_lr_scales:
