@@ -135,7 +135,30 @@ def pick_sdpa(kind: str, args, device) -> tuple[str, dict[str, float]]:
     return best, times
 
 
-def run_one(kind: str, compiled: bool, args, device) -> dict:
+def flops_by_module(fc: FlopCounterMode) -> str:
+    """Counted FLOPs by top-level submodule (where the work is, beside where the time is). Each module's own FLOPs
+    (its count less its children's) go to its top-level ancestor, so the shares add up to 100 %."""
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items() if k != "Global"}
+    total = max(counts.values(), default=0) or 1
+    own = dict(counts)
+    for name, f in counts.items():  # the nearest counted ancestor (not every level is called as a module)
+        parts = name.split(".")
+        parent = next((p for i in range(len(parts) - 1, 0, -1) if (p := ".".join(parts[:i])) in counts), None)
+        if parent is not None:
+            own[parent] -= f
+    groups: dict[str, int] = {}
+    for name, f in own.items():
+        parts = name.split(".")
+        key = parts[1] if len(parts) > 1 else "(root)"
+        groups[key] = groups.get(key, 0) + f
+    rows = sorted(((f, k) for k, f in groups.items() if f), reverse=True)
+    return ", ".join(f"{k} {f / total:.1%}" for f, k in rows)
+
+
+def run_one(kind: str, compile_mode: str | None, args, device) -> dict:
+    """One timed job; ``compile_mode`` None runs eager, "default" plain ``torch.compile``, or any other mode name
+    ("reduce-overhead": CUDA graphs, "max-autotune-no-cudagraphs")."""
+    compiled = compile_mode is not None
     torch.manual_seed(0)
     model, loss_fn, bsz = (mae_setup if kind == "mae" else unified_setup)(args, device)
     model.train()
@@ -148,11 +171,15 @@ def run_one(kind: str, compiled: bool, args, device) -> dict:
             loss = loss_fn(model)
         loss.backward()
     flops = fc.get_total_flops()
+    # the split by module from a forward pass alone: the counter's module tracking is unreliable in backward
+    with torch.no_grad(), FlopCounterMode(display=False) as fwd, amp:
+        loss_fn(model)
+    print(f"{kind}: forward FLOPs by module: {flops_by_module(fwd)}", flush=True)
     opt.zero_grad(set_to_none=True)
 
     runner = model
     if compiled:
-        runner = torch.compile(model)
+        runner = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
 
     def step():
         with amp:
@@ -180,13 +207,24 @@ def run_one(kind: str, compiled: bool, args, device) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync()
+        t = time.perf_counter()
         with profile(activities=acts) as prof:
             for _ in range(3):
                 step()
             sync()
+        wall_us = (time.perf_counter() - t) * 1e6
         key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"--- profile {kind}/{'compile' if compiled else 'eager'} (3 steps), top ops by {key}")
-        print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
+        averages = prof.key_averages()
+        print(f"--- profile {kind}/{compile_mode or 'eager'} (3 steps), top ops by {key}")
+        print(averages.table(sort_by=key, row_limit=args.profile))
+        if device.type == "cuda":
+            # GPU-busy share: the kernels' own time against the wall time of the profiled steps (one stream);
+            # what is missing is the GPU waiting on the CPU (launches, the Hungarian matcher's sync)
+            busy = sum(getattr(e, key) for e in averages)
+            print(
+                f"--- {kind}: GPU busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall ({busy / wall_us:.1%})"
+            )
     peak = peak_tflops(args.peak_tflops)
     mfu = flops / per_step / (peak * 1e12) if peak == peak else float("nan")
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -194,7 +232,7 @@ def run_one(kind: str, compiled: bool, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     return {
         "job": kind,
-        "compile": compiled,
+        "compile": compile_mode or "no",
         "batch": bsz,
         "ms_step": per_step * 1e3,
         "img_s": bsz / per_step,
@@ -215,7 +253,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jobs", default="mae,unified")
-    ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument(
+        "--modes",
+        default="eager,compile",
+        help="comma list of eager, compile, compile:MODE (a torch.compile mode, e.g. compile:reduce-overhead)",
+    )
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument(
         "--sdpa",
@@ -251,8 +293,9 @@ def main() -> None:
             set_sdpa_backend(args.current_sdpa)
             print(f"{job}: attention backend {args.current_sdpa}", flush=True)
         for mode in args.modes.split(","):
+            cmode = None if mode == "eager" else (mode.split(":", 1)[1] if ":" in mode else "default")
             try:
-                r = run_one(job, mode == "compile", args, device)
+                r = run_one(job, cmode, args, device)
             except Exception as e:  # keep going: one failing mode must not hide the others' figures
                 print(f"{job}/{mode}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
                 continue
