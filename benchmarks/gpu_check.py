@@ -221,7 +221,10 @@ def run_one(kind: str, compile_mode: str | None, args, device) -> dict:
         if device.type == "cuda":
             # GPU-busy share: the kernels' own time against the wall time of the profiled steps (one stream);
             # what is missing is the GPU waiting on the CPU (launches, the Hungarian matcher's sync)
-            busy = sum(getattr(e, key) for e in averages)
+            from torch.autograd import DeviceType
+
+            # kernel events only: the operator rows above repeat their kernels' time
+            busy = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
             print(
                 f"--- {kind}: GPU busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall ({busy / wall_us:.1%})"
             )
