@@ -105,7 +105,7 @@ def test_no_targets_and_absent_samples_match_nothing() -> None:
 
 
 def test_batched_matching_equals_per_sample_matching() -> None:
-    # the batch shares one cost matrix; each sample must still be matched only against its own targets
+    # the batch's cost blocks are computed together (targets padded); each sample is matched against its own
     gen = torch.Generator().manual_seed(3)
     cases = [_random_case(gen, 4, n) for n in (3, 0, 4, 1)]
     logits = torch.cat([c[0] for c in cases])
@@ -116,6 +116,22 @@ def test_batched_matching_equals_per_sample_matching() -> None:
     for i, t in enumerate(targets):
         ((q, ti),) = HungarianMatcher()(logits[i : i + 1], boxes[i : i + 1], [t])
         assert torch.equal(batched[i][0], q) and torch.equal(batched[i][1], ti)
+
+
+def test_padded_batched_cost_equals_per_sample_cost_matrix() -> None:
+    gen = torch.Generator().manual_seed(5)
+    cases = [_random_case(gen, 5, n) for n in (3, 1, 4)]
+    m = HungarianMatcher()
+    labels = torch.zeros(3, 4, dtype=torch.long)
+    tboxes = torch.rand(3, 4, 4, generator=gen) * 0.4 + 0.1  # padding slots hold arbitrary valid boxes
+    for j, (_, _, t) in enumerate(cases):
+        labels[j, : len(t["labels"])] = t["labels"]
+        tboxes[j, : len(t["labels"])] = t["boxes"]
+    blocks = m.batched_cost(torch.cat([c[0] for c in cases]), torch.cat([c[1] for c in cases]), labels, tboxes)
+    assert blocks.shape == (3, 5, 4)
+    for j, (lg, bx, t) in enumerate(cases):
+        n = len(t["labels"])
+        assert torch.allclose(blocks[j, :, :n], m.cost_matrix(lg[0], bx[0], t["labels"], t["boxes"]))
 
 
 def test_rejects_mismatched_batch_and_all_zero_costs() -> None:

@@ -44,11 +44,22 @@ class HungarianMatcher(nn.Module):
         logits: [N, C + 1] (last = no-object); boxes: [N, 4] cxcywh normalised;
         tgt_labels: [n] class indices; tgt_boxes: [n, 4] cxcywh normalised -> [N, n].
         """
+        return self.batched_cost(logits[None], boxes[None], tgt_labels[None], tgt_boxes[None])[0]
+
+    @torch.no_grad()
+    def batched_cost(self, logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
+        """Pairing costs of each sample with its own targets only (targets padded to a common count).
+
+        logits: [B, N, C + 1]; boxes: [B, N, 4]; tgt_labels: [B, M]; tgt_boxes: [B, M, 4] -> [B, N, M].
+        Only the per-sample blocks are computed: DETR's batch-wide [B * N, sum n] matrix grows with B^2 and
+        its copy to the host dominated the matcher at GPU batch sizes.
+        """
         prob = logits.float().softmax(-1)
-        c_class = -prob[:, tgt_labels]
-        c_bbox = torch.cdist(boxes.float(), tgt_boxes.float(), p=1)
-        c_giou = -generalized_box_iou(
-            box_convert(boxes.float(), "cxcywh", "xyxy"), box_convert(tgt_boxes.float(), "cxcywh", "xyxy")
+        c_class = -prob.gather(2, tgt_labels[:, None, :].expand(-1, prob.shape[1], -1))
+        boxes, tgt_boxes = boxes.float(), tgt_boxes.float()
+        c_bbox = (boxes[:, :, None, :] - tgt_boxes[:, None, :, :]).abs().sum(-1)
+        c_giou = -torch.vmap(generalized_box_iou)(
+            box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
         )
         return self.cost_class * c_class + self.cost_bbox * c_bbox + self.cost_giou * c_giou
 
@@ -65,7 +76,7 @@ class HungarianMatcher(nn.Module):
         """
         if logits.shape[0] != len(targets):
             raise ValueError(f"{logits.shape[0]} predictions but {len(targets)} targets")
-        bsz, num_queries = logits.shape[:2]
+        num_queries = logits.shape[1]
         sizes = [0 if t is None else int(t["labels"].numel()) for t in targets]
         if max(sizes, default=0) > num_queries and not self._warned:
             warnings.warn(
@@ -76,22 +87,26 @@ class HungarianMatcher(nn.Module):
             self._warned = True
         rows: list[Tensor] = []
         cols: list[Tensor] = []
+        blocks: Tensor | tuple[()] = ()
         if sum(sizes):
-            # one cost matrix for the whole batch, one device-to-host copy (not one per sample)
-            present = [t for t in targets if t is not None and t["labels"].numel()]
-            tgt_labels = torch.cat([t["labels"] for t in present]).to(logits.device)
-            tgt_boxes = torch.cat([t["boxes"] for t in present]).to(logits.device)
-            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels, tgt_boxes)
-            chunks = cost.view(bsz, num_queries, -1).cpu().split([n for n in sizes if n], dim=-1)
-        else:
-            chunks = ()
-        it = iter(chunks)
+            # the present samples' own blocks, targets padded to the largest count; one device-to-host copy
+            keep = [i for i, n in enumerate(sizes) if n]
+            kept = [targets[i] for i in keep]
+            counts = [sizes[i] for i in keep]
+            dev = logits.device
+            slot_row = torch.repeat_interleave(torch.arange(len(keep)), torch.tensor(counts)).to(dev)
+            slot_col = torch.cat([torch.arange(n) for n in counts]).to(dev)
+            labels = torch.zeros(len(keep), max(counts), dtype=torch.long, device=dev)
+            labels[slot_row, slot_col] = torch.cat([t["labels"] for t in kept]).to(dev)  # type: ignore[index]
+            tboxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=dev).repeat(len(keep), max(counts), 1)
+            tboxes[slot_row, slot_col] = torch.cat([t["boxes"] for t in kept]).to(dev, torch.float)  # type: ignore[index]
+            blocks = self.batched_cost(logits[keep], boxes[keep], labels, tboxes).cpu()
+        it = iter(blocks)
         for n in sizes:
             if n == 0:
                 r = c = torch.empty(0, dtype=torch.long)
             else:
-                i = len(rows)
-                r_np, c_np = linear_sum_assignment(next(it)[i].numpy())
+                r_np, c_np = linear_sum_assignment(next(it)[:, :n].numpy())
                 r, c = torch.as_tensor(r_np, dtype=torch.long), torch.as_tensor(c_np, dtype=torch.long)
             rows.append(r)
             cols.append(c)
