@@ -247,7 +247,7 @@ def run_one(kind: str, compile_mode: str | None, args, device) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny ViT at 64x96 (CPU smoke run)")
     ap.add_argument("--mae-batch", type=int, default=256)
@@ -278,7 +278,7 @@ def main() -> None:
     ap.add_argument(
         "--profile", type=int, default=0, help="print the N most expensive ops of 3 profiled steps"
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -313,7 +313,8 @@ def main() -> None:
             f"| {r['job']} | {r['compile']} | {r['sdpa']} | {r['batch']} | {r['ms_step']:.1f} | {r['img_s']:.0f} | "
             f"{r['tflop_step']:.2f} | {r['mfu']:.1%} | {r['warmup_s']:.0f} | {r['mem_gib']:.1f} |"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

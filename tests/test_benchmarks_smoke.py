@@ -80,3 +80,21 @@ def test_image_quality_probe_smoke(capsys: pytest.CaptureFixture[str], synth_roo
         if k[0].isdigit() or k.startswith("mean")
     ]
     assert all(math.isfinite(v) and v >= 0 for v in maes)
+
+
+def test_gpu_check_runs_on_cpu_with_a_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
+    # the GPU script stays ready between GPU sessions: the same code path on the CPU with tiny ViTs
+    argv = ["--tiny", "--mae-batch", "2", "--unified-batch", "2", "--warmup", "1", "--steps", "1"]
+    assert _load("gpu_check").main([*argv, "--repeats", "1", "--modes", "eager", "--profile", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| mae | no |" in out and "| unified | no |" in out
+    assert "--- profile unified/eager (3 steps)" in out
+    for job in ("mae", "unified"):
+        line = next(x for x in out.splitlines() if x.startswith(f"{job}: forward FLOPs by module:"))
+        shares = {
+            name: float(pct.rstrip("%"))
+            for name, pct in (part.rsplit(" ", 1) for part in line.split("module: ", 1)[1].split(", "))
+        }
+        assert sum(shares.values()) == pytest.approx(100.0, abs=0.5)  # each FLOP counted once
+        assert "encoder" in shares
+    assert max(shares, key=shares.get) == "encoder"  # the unified model's work is its encoder's
