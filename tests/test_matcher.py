@@ -127,7 +127,9 @@ def test_padded_batched_cost_equals_per_sample_cost_matrix() -> None:
     for j, (_, _, t) in enumerate(cases):
         labels[j, : len(t["labels"])] = t["labels"]
         tboxes[j, : len(t["labels"])] = t["boxes"]
-    blocks = m.batched_cost(torch.cat([c[0] for c in cases]), torch.cat([c[1] for c in cases]), labels, tboxes)
+    blocks = m.batched_cost(
+        torch.cat([c[0] for c in cases]), torch.cat([c[1] for c in cases]), labels, tboxes
+    )
     assert blocks.shape == (3, 5, 4)
     for j, (lg, bx, t) in enumerate(cases):
         n = len(t["labels"])
