@@ -188,11 +188,11 @@ def cli_args(
         argv += [f"--model.queries.model_dir={args.text_dir}"]
     if design in ("text", "multimodal") and args.combine:
         argv += [f"--model.queries.combine={args.combine}"]
-    argv += [f"--{kv}" for kv in args.set]
     if design == "multimodal":
         argv += [f"--model.queries.image_mode={args.image_mode}"]
         if args.no_frame_change:
             argv += ["--model.queries.frame_change=false"]
+    argv += [f"--{kv}" for kv in args.set]  # last, so that --set overrides every option above
     return argv
 
 

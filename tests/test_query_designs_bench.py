@@ -53,3 +53,19 @@ def test_query_designs_under_a_time_budget(tmp_path: Path, capsys: pytest.Captur
     (other / "results.json").write_text(json.dumps(res))
     with pytest.raises(SystemExit, match="different step counts"):
         mod.main(["--merge", str(out), str(other), "--out", str(merged)])
+
+
+def test_set_overrides_the_design_options(tmp_path: Path) -> None:
+    # --set comes last on each run's command line, so it wins over what the script sets per design
+    # (before, --set model.init_args.queries.init_args.image_mode=... was silently undone by --image-mode)
+    spec = importlib.util.spec_from_file_location("bench_query_designs_args", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.parse_args(["--set", "model.queries.image_mode=shared_frozen", "--set", "model.lr=0.5"])
+    args.text_dir = None  # main() sets it once the text encoder is located
+    argv = mod.cli_args("multimodal", 0, 3, args, tmp_path, tmp_path)
+    assert argv[-2:] == ["--model.queries.image_mode=shared_frozen", "--model.lr=0.5"]
+    assert argv.index("--model.queries.image_mode=shared_frozen") > argv.index(
+        f"--model.queries.image_mode={args.image_mode}"
+    )
