@@ -318,7 +318,8 @@ def label(r: dict[str, Any]) -> str:
     """A run's row name: the design, plus its settings where they differ from the defaults (multimodal frame
     encoding, how text/multimodal combine the condition)."""
     extra = []
-    if r["design"] == "multimodal" and r.get("image_mode", "shared") != "shared":
+    # runs stored before the key existed used "shared"; the default is now "shared_frozen"
+    if r["design"] == "multimodal" and r.get("image_mode", "shared") != "shared_frozen":
         extra.append(r["image_mode"])
     if r.get("combine") and r["combine"] != default_combine(r["design"]):
         extra.append(f"combine {r['combine']}")
@@ -446,7 +447,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="no train-time augmentation (loading is ~3.5x cheaper per sample: for short, loader-bound runs)",
     )
-    ap.add_argument("--image-mode", default="shared", choices=("shared", "shared_frozen", "separate"))
+    ap.add_argument("--image-mode", default="shared_frozen", choices=("shared", "shared_frozen", "separate"))
     ap.add_argument(
         "--set",
         action="append",
