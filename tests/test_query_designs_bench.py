@@ -62,10 +62,10 @@ def test_set_overrides_the_design_options(tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    args = mod.parse_args(["--set", "model.queries.image_mode=shared_frozen", "--set", "model.lr=0.5"])
+    args = mod.parse_args(["--set", "model.queries.image_mode=separate", "--set", "model.lr=0.5"])
     args.text_dir = None  # main() sets it once the text encoder is located
     argv = mod.cli_args("multimodal", 0, 3, args, tmp_path, tmp_path)
-    assert argv[-2:] == ["--model.queries.image_mode=shared_frozen", "--model.lr=0.5"]
-    assert argv.index("--model.queries.image_mode=shared_frozen") > argv.index(
+    assert argv[-2:] == ["--model.queries.image_mode=separate", "--model.lr=0.5"]
+    assert argv.index("--model.queries.image_mode=separate") > argv.index(
         f"--model.queries.image_mode={args.image_mode}"
     )
