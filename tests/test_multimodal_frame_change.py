@@ -18,6 +18,7 @@ def provider(tiny_bert: str, **kw) -> MultimodalQueries:
     torch.manual_seed(0)
     # add: film's zero output projection would make the no-leak checks below trivially true
     kw.setdefault("combine", "add")
+    kw.setdefault("static_queries", "converter")  # the converter's masks are what these tests read
     p = MultimodalQueries(
         model_dir=tiny_bert, width=16, num_heads=2, image_mode="separate", frame_pool=(1, 2), **kw
     )

@@ -91,8 +91,10 @@ def tiny_encoder() -> ViTEncoder:
 
 
 def tiny_multimodal(tiny_bert: str, **kw) -> MultimodalQueries:
-    """A small converter over the tiny BERT: width 16, 2 heads, frames pooled to 1 x 2 (``separate`` unless given)."""
+    """A small converter over the tiny BERT: width 16, 2 heads, frames pooled to 1 x 2 (``separate`` unless given);
+    every task through the converter (``static_queries="converter"``) unless given, since these tests check it."""
     kw.setdefault("image_mode", "separate")
+    kw.setdefault("static_queries", "converter")
     return MultimodalQueries(model_dir=tiny_bert, width=16, num_heads=2, frame_pool=(1, 2), **kw)
 
 
