@@ -19,6 +19,7 @@ import warnings
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_convert, generalized_box_iou
 
 
@@ -92,14 +93,14 @@ class HungarianMatcher(nn.Module):
             # the present samples' own blocks, targets padded to the largest count; one device-to-host copy
             keep = [i for i, n in enumerate(sizes) if n]
             kept = [targets[i] for i in keep]
-            counts = [sizes[i] for i in keep]
             dev = logits.device
-            slot_row = torch.repeat_interleave(torch.arange(len(keep)), torch.tensor(counts)).to(dev)
-            slot_col = torch.cat([torch.arange(n) for n in counts]).to(dev)
-            labels = torch.zeros(len(keep), max(counts), dtype=torch.long, device=dev)
-            labels[slot_row, slot_col] = torch.cat([t["labels"] for t in kept]).to(dev)  # type: ignore[index]
-            tboxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=dev).repeat(len(keep), max(counts), 1)
-            tboxes[slot_row, slot_col] = torch.cat([t["boxes"] for t in kept]).to(dev, torch.float)  # type: ignore[index]
+            labels = pad_sequence([t["labels"] for t in kept], batch_first=True).to(dev)  # type: ignore[index]
+            # padding 0.5 makes a valid box (w = h = 0.5), so GIoU stays finite; padded columns are sliced off
+            tboxes = pad_sequence(
+                [t["boxes"].float() for t in kept],  # type: ignore[index]
+                batch_first=True,
+                padding_value=0.5,
+            ).to(dev)
             blocks = self.batched_cost(logits[keep], boxes[keep], labels, tboxes).cpu()
         it = iter(blocks)
         for n in sizes:
