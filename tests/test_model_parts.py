@@ -147,3 +147,35 @@ def test_fake_batch_runs_through_the_model() -> None:
     batch = fake_batch(fake_catalogue(), b=2)
     out = model(batch["image"], batch=batch)
     assert out["outputs"]["b"]["logits"].shape == (2, 2)
+
+
+def test_hybrid_vit_encoder_counts_its_stem_in_the_patch_size() -> None:
+    """A timm hybrid ViT (CNN stem, then 4-pixel patches of its stride-4 features) tokenises like a 16-pixel ViT:
+    the unified model and MAE see the same grid and patch size, and the stem receives gradients."""
+    from idrecog.models.encoder import ViTEncoder
+    from idrecog.models.mae import MaskedAutoencoder
+
+    enc = ViTEncoder(
+        "vit_tiny_r_s16_p8_224",
+        img_size=(64, 96),
+        depth=1,
+        embed_dim=48,
+        num_heads=2,
+        model_kwargs={"patch_size": 4},
+    )
+    assert enc.patch_size == 16 and enc.grid_size == (4, 6)
+    parts = tiny_parts()
+    parts["encoder"] = enc
+    model = UnifiedModel(fake_catalogue(), **parts)
+    batch = fake_batch(fake_catalogue(), b=2)
+    images = torch.nn.functional.interpolate(batch["image"], size=(64, 96))
+    out = model(images, batch={**batch, "image": images})
+    assert out["outputs"]["b"]["logits"].shape == (2, 2)
+    sum(v.float().sum() for o in out["outputs"].values() for v in o.values()).backward()
+    stem = enc.vit.patch_embed.backbone.conv.weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+    mae = MaskedAutoencoder(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    loss, pred, mask = mae(torch.randn(2, 3, 64, 96))[:3]
+    assert torch.isfinite(loss) and pred.shape == (2, 24, 16 * 16 * 3) and mask.shape == (2, 24)
+    with pytest.raises(ConfigError, match=r"img_size \[72, 96\]"):
+        ViTEncoder("vit_tiny_r_s16_p8_224", img_size=(72, 96), depth=1, model_kwargs={"patch_size": 4})

@@ -38,7 +38,9 @@ class ViTEncoder(nn.Module):
     """A timm ViT that returns patch tokens.
 
     Args:
-        name: any timm ViT (``timm.list_models('vit_*')``), e.g. ``vit_tiny_patch16_224``, ``vit_base_patch16_224``.
+        name: any timm ViT (``timm.list_models('vit_*')``), e.g. ``vit_tiny_patch16_224``, ``vit_base_patch16_224``;
+            hybrids (a CNN stem before the patches) too, e.g. ``vit_tiny_r_s16_p8_224`` with
+            ``model_kwargs: {patch_size: 4}`` for the same 16-pixel token stride (``patch_size`` counts the stem).
         img_size: input (H, W); non-square is fine; each must be a multiple of the patch size.
         depth / embed_dim / num_heads: optional overrides of the named architecture (for small CPU models).
         drop_path_rate: stochastic depth.
@@ -78,15 +80,21 @@ class ViTEncoder(nn.Module):
                 kwargs[k] = v
         self.name = name
         self.img_size = (int(img_size[0]), int(img_size[1]))
-        self.vit = timm.create_model(
-            name,
-            pretrained=False,
-            img_size=self.img_size,
-            num_classes=0,
-            global_pool="",
-            drop_path_rate=drop_path_rate,
-            **kwargs,
-        )
+        try:
+            self.vit = timm.create_model(
+                name,
+                pretrained=False,
+                img_size=self.img_size,
+                num_classes=0,
+                global_pool="",
+                drop_path_rate=drop_path_rate,
+                **kwargs,
+            )
+        except AssertionError as e:  # timm asserts sizes (e.g. a hybrid's feature map vs its patch size)
+            raise ConfigError(
+                f"encoder {name!r} cannot be built at img_size {list(self.img_size)}: each side must be a "
+                f"multiple of the token stride (patch size, times the CNN stem's stride for a hybrid ViT)"
+            ) from e
         for attr in ("patch_embed", "pos_embed", "blocks", "norm"):
             if not hasattr(self.vit, attr):
                 raise ConfigError(f"encoder {name!r} is not a plain Vision Transformer (no {attr!r})")
@@ -105,8 +113,13 @@ class ViTEncoder(nn.Module):
 
     @property
     def patch_size(self) -> int:
-        ps = self.vit.patch_embed.patch_size
-        return int(ps[0] if isinstance(ps, tuple | list) else ps)
+        """Input pixels per token side. A hybrid ViT (timm ``HybridEmbed``: a CNN stem, then patches of its
+        feature map, e.g. ``vit_tiny_r_s16_p8_224`` with ``patch_size: 4``) counts its stem's stride too."""
+        pe = self.vit.patch_embed
+        ps = pe.patch_size
+        p = int(ps[0] if isinstance(ps, tuple | list) else ps)
+        ratio = getattr(pe, "feature_ratio", None)
+        return p * int(ratio[0]) if ratio is not None else p
 
     @property
     def grid_size(self) -> tuple[int, int]:
