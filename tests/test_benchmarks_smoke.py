@@ -98,3 +98,13 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model(capsys: pytest.CaptureFixture[s
         assert sum(shares.values()) == pytest.approx(100.0, abs=0.5)  # each FLOP counted once
         assert "encoder" in shares
     assert max(shares, key=shares.get) == "encoder"  # the unified model's work is its encoder's
+
+
+def test_tampering_control_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
+    args = ["--root", str(synth_root), "--models", "cnn", "hybrid", "--seconds", "1", "--evals", "1"]
+    results = _load("tampering_control").main([*args, "--num-workers", "0", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "| cnn |" in out and "| hybrid |" in out
+    for r in results:
+        assert r["final"]["steps"] >= 1
+        assert 0.0 <= r["best"]["val_f1"] <= 1.0 and len(r["final"]["val_f1_per_class"]) == 3
