@@ -19,7 +19,7 @@ against dropping those samples (issue 6), optionally inside a fixed wall-clock b
    and on the train samples whose doc type was removed, split into samples whose document is visible and
    samples that show no document (``labels.doc_type`` null: ``visibility: none``), plus the best reachable
    figure and the training labels its errors lose.
-3. **Unified model** (``lightning_configs/unified.yaml``, same seed) trained three times with the **same number
+3. **Unified model** (``lightning_configs/unified.yaml``, seed ``--train-seed``, default ``--seed``) trained three times with the **same number
    of optimiser steps**: (a) ``dropped`` with ``task_resolver: classifier``; (b) ``oracle`` with the doc-type
    resolver; (c) ``dropped`` with ``doc_type`` resolver ``missing: skip``. Each ends with one validation pass.
 
@@ -576,7 +576,7 @@ def build_unified(
     override.write_text(
         json.dumps(
             {
-                "seed_everything": args.seed,
+                "seed_everything": args.train_seed,
                 "trainer": {
                     **trainer_kwargs(args),
                     "max_epochs": -1,
@@ -601,7 +601,7 @@ def build_unified(
                     "batch_size": args.batch_size,
                     "preflight": args.preflight,
                     "preflight_cache_dir": str(args.work / "cache" / "preflight"),
-                    "seed": args.seed,
+                    "seed": args.train_seed,
                 },
             }
         )
@@ -761,6 +761,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--preflight", action="store_true", help="run the DataModule's pre-flight scan in each run"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="seed of the unified runs only (init, shuffle); default --seed. Same data and classifier, another\n"
+        "training seed: the run-to-run spread of val/score that (a) vs (b) is judged against",
+    )
     p.add_argument("--runs", default="a,b,c", help="which unified runs: a (classifier), b (oracle), c (skip)")
     p.add_argument(
         "--classifier-only", action="store_true", help="train and evaluate the classifier, no runs"
@@ -782,6 +789,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     else:
         args.train = args.train or 0
         args.val = args.val or 0
+    if args.train_seed is None:
+        args.train_seed = args.seed
     if args.accelerator == "auto":
         args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if args.accelerator == "cuda":
