@@ -108,3 +108,12 @@ def test_tampering_control_smoke(capsys: pytest.CaptureFixture[str], synth_root:
     for r in results:
         assert r["final"]["steps"] >= 1
         assert 0.0 <= r["best"]["val_f1"] <= 1.0 and len(r["final"]["val_f1_per_class"]) == 3
+
+
+def test_task_resolution_train_seed_seeds_only_the_unified_runs(tmp_path: Path, synth_root: Path) -> None:
+    tr = _load("task_resolution")
+    assert tr.parse_args(["--seed", "2", "--work", str(tmp_path)]).train_seed == 2
+    args = tr.parse_args(["--seed", "2", "--train-seed", "5", "--work", str(tmp_path)])
+    assert (args.seed, args.train_seed) == (2, 5)  # data derivation and the classifier keep --seed
+    cli = tr.build_unified(args, "b", synth_root, [], {"max_steps": 1})
+    assert cli.datamodule.seed == 5 and cli.config["seed_everything"] == 5
