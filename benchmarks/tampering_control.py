@@ -12,6 +12,7 @@ classifiers on the same training split, for the same wall-clock budget each, wit
   its ResNet stem: the same 10 x 16 token grid at stride 16).
 
     python benchmarks/tampering_control.py --models cnn vit hybrid --seconds 480 --threads 2
+    python benchmarks/tampering_control.py --root BIGGER_SET --models cnn --seconds 960 --min-quality 0.6
 
 Prints one line per validation and a table at the end; ``--out FILE`` writes the results as JSON.
 """
@@ -50,8 +51,16 @@ def create_control(name: str, img_size: tuple[int, int], num_classes: int) -> nn
     raise ValueError(f"unknown control model {name!r}; choose from cnn, vit, hybrid")
 
 
+MIN_QUALITY = {"value": None}  # --min-quality: keep only captures at least this clean (train and val)
+
+
 def _tampering_batch(batch: dict[str, Any], t: int) -> tuple[torch.Tensor, torch.Tensor]:
     keep = batch["present"][:, t]
+    if MIN_QUALITY["value"] is not None:
+        q = batch["targets"][
+            "image_quality"
+        ]  # normalised by its range, [0, 1] in the catalogue: raw; NaN: none
+        keep = keep & (q >= MIN_QUALITY["value"])
     return batch["image"][keep], batch["targets"][TASK][keep]
 
 
@@ -150,10 +159,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--min-quality",
+        type=float,
+        default=None,
+        help="keep only samples whose image_quality label is at least this (train and val): is the cue learnable "
+        "where the capture does not hide it?",
+    )
     ap.add_argument("--limit-train", type=int, default=None, help="use this many training samples (tests)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    MIN_QUALITY["value"] = args.min_quality
     dm = IdDataModule(
         root=args.root,
         batch_size=args.batch_size,

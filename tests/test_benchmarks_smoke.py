@@ -102,7 +102,9 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model(capsys: pytest.CaptureFixture[s
 
 def test_tampering_control_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
     args = ["--root", str(synth_root), "--models", "cnn", "hybrid", "--seconds", "1", "--evals", "1"]
-    results = _load("tampering_control").main([*args, "--num-workers", "0", "--batch-size", "4"])
+    results = _load("tampering_control").main(
+        [*args, "--num-workers", "0", "--batch-size", "4", "--min-quality", "0"]
+    )
     out = capsys.readouterr().out
     assert "| cnn |" in out and "| hybrid |" in out
     for r in results:
