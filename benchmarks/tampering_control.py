@@ -51,26 +51,26 @@ def create_control(name: str, img_size: tuple[int, int], num_classes: int) -> nn
     raise ValueError(f"unknown control model {name!r}; choose from cnn, vit, hybrid")
 
 
-MIN_QUALITY = {"value": None}  # --min-quality: keep only captures at least this clean (train and val)
-
-
-def _tampering_batch(batch: dict[str, Any], t: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _tampering_batch(
+    batch: dict[str, Any], t: int, min_quality: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and tampering targets of the labelled samples (and, with ``min_quality``, clean captures)."""
     keep = batch["present"][:, t]
-    if MIN_QUALITY["value"] is not None:
-        q = batch["targets"][
-            "image_quality"
-        ]  # normalised by its range, [0, 1] in the catalogue: raw; NaN: none
-        keep = keep & (q >= MIN_QUALITY["value"])
+    if min_quality is not None:
+        # normalised by the catalogue range, which is [0, 1]: the label itself; NaN where unlabelled (dropped)
+        keep = keep & (batch["targets"]["image_quality"] >= min_quality)
     return batch["image"][keep], batch["targets"][TASK][keep]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, t: int, num_classes: int) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module, loader, t: int, num_classes: int, min_quality: float | None = None
+) -> dict[str, Any]:
     model.eval()
     f1 = MulticlassF1Score(num_classes, average="macro")
     per_class = MulticlassF1Score(num_classes, average="none")
     for batch in loader:
-        x, y = _tampering_batch(batch, t)
+        x, y = _tampering_batch(batch, t, min_quality)
         if len(y):
             pred = model(x).argmax(-1)
             f1.update(pred, y)
@@ -80,7 +80,13 @@ def evaluate(model: nn.Module, loader, t: int, num_classes: int) -> dict[str, An
 
 
 def run_control(
-    name: str, dm: IdDataModule, seconds: float, lr: float, evals: int, seed: int
+    name: str,
+    dm: IdDataModule,
+    seconds: float,
+    lr: float,
+    evals: int,
+    seed: int,
+    min_quality: float | None = None,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     spec = dm.catalogue[TASK]
@@ -89,7 +95,7 @@ def run_control(
     # inverse class frequency over the labelled training samples: predicting the majority scores nothing
     counts = torch.zeros(spec.num_classes)
     for batch in dm.train_dataloader():
-        _, y = _tampering_batch(batch, t)
+        _, y = _tampering_batch(batch, t, min_quality)
         counts += torch.bincount(y, minlength=spec.num_classes)
     weight = counts.sum() / (spec.num_classes * counts.clamp(min=1))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -110,7 +116,7 @@ def run_control(
             scale = min(1.0, frac / 0.05) * 0.5 * (1 + math.cos(math.pi * frac))
             for g in opt.param_groups:
                 g["lr"] = lr * scale
-            x, y = _tampering_batch(batch, t)
+            x, y = _tampering_batch(batch, t, min_quality)
             if not len(y):
                 continue
             logits = model(x)
@@ -123,18 +129,22 @@ def run_control(
             images += len(y)
             if time.perf_counter() - clock["start"] >= next_eval:
                 next_eval += seconds / evals
-                history.append(_log(name, model, dm, t, spec.num_classes, steps, images, clock, train_f1))
+                history.append(
+                    _log(name, model, dm, t, spec.num_classes, steps, images, clock, train_f1, min_quality)
+                )
                 train_f1.reset()
     if not history or history[-1]["steps"] != steps:
-        history.append(_log(name, model, dm, t, spec.num_classes, steps, images, clock, train_f1))
+        history.append(
+            _log(name, model, dm, t, spec.num_classes, steps, images, clock, train_f1, min_quality)
+        )
     best = max(history, key=lambda h: h["val_f1"])
     params = sum(p.numel() for p in model.parameters())
     return {"model": name, "params_m": params / 1e6, "history": history, "best": best, "final": history[-1]}
 
 
-def _log(name, model, dm, t, num_classes, steps, images, clock, train_f1) -> dict[str, Any]:
+def _log(name, model, dm, t, num_classes, steps, images, clock, train_f1, min_quality) -> dict[str, Any]:
     trained = time.perf_counter() - clock["start"]
-    val = evaluate(model, dm.val_dataloader(), t, num_classes)
+    val = evaluate(model, dm.val_dataloader(), t, num_classes, min_quality)
     clock["start"] = time.perf_counter() - trained
     row = {
         "steps": steps,
@@ -170,7 +180,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    MIN_QUALITY["value"] = args.min_quality
     dm = IdDataModule(
         root=args.root,
         batch_size=args.batch_size,
@@ -183,7 +192,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         load_frames=False,
     )
     dm.setup("fit")
-    results = [run_control(m, dm, args.seconds, args.lr, args.evals, args.seed) for m in args.models]
+    results = [
+        run_control(m, dm, args.seconds, args.lr, args.evals, args.seed, args.min_quality)
+        for m in args.models
+    ]
     print("\n| model | params (M) | steps | images seen | best val macro F1 | final val macro F1 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:

@@ -119,3 +119,21 @@ def test_task_resolution_train_seed_seeds_only_the_unified_runs(tmp_path: Path, 
     assert (args.seed, args.train_seed) == (2, 5)  # data derivation and the classifier keep --seed
     cli = tr.build_unified(args, "b", synth_root, [], {"max_steps": 1})
     assert cli.datamodule.seed == 5 and cli.config["seed_everything"] == 5
+
+
+def test_tampering_control_keeps_labelled_and_clean_samples() -> None:
+    import torch
+
+    tc = _load("tampering_control")
+    batch = {
+        "image": torch.arange(4).float().view(4, 1, 1, 1),
+        "present": torch.tensor([[True], [True], [False], [True]]),
+        "targets": {
+            "tampering": torch.tensor([0, 1, -1, 2]),
+            "image_quality": torch.tensor([0.9, 0.3, 0.9, math.nan]),
+        },
+    }
+    x, y = tc._tampering_batch(batch, 0, None)
+    assert y.tolist() == [0, 1, 2] and x.flatten().tolist() == [0.0, 1.0, 3.0]
+    x, y = tc._tampering_batch(batch, 0, 0.5)  # the unlabelled quality (NaN) is not clean
+    assert y.tolist() == [0] and x.flatten().tolist() == [0.0]
