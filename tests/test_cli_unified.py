@@ -22,6 +22,7 @@ FRAGMENTS = {
     "logging/wandb.yaml": "unified.yaml",
     "queries/text.yaml": "unified.yaml",
     "queries/multimodal.yaml": "unified.yaml",
+    "encoders/hybrid.yaml": "unified.yaml",
 }
 
 # a tiny model for CPU tests, as command-line overrides of unified.yaml
