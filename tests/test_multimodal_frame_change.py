@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from idrecog.models.multimodal import CHANGE, FRAME, KINDS, MultimodalQueries
-from tests.test_queries_text_mm import CAT, COUNTS, USER_STATE, H, W, make_tiny_bert
+from tests.test_queries_text_mm import CAT, COUNTS, USER_STATE, H, W, make_tiny_bert, tiny_multimodal
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,7 @@ def provider(tiny_bert: str, **kw) -> MultimodalQueries:
     torch.manual_seed(0)
     # add: film's zero output projection would make the no-leak checks below trivially true
     kw.setdefault("combine", "add")
-    kw.setdefault("static_queries", "converter")  # the converter's masks are what these tests read
-    p = MultimodalQueries(
-        model_dir=tiny_bert, width=16, num_heads=2, image_mode="separate", frame_pool=(1, 2), **kw
-    )
+    p = tiny_multimodal(tiny_bert, **kw)  # separate frame embedding, every task through the converter
     p.build(CAT, COUNTS, 24, user_spec=USER_STATE)
     return p.eval()
 
