@@ -30,6 +30,7 @@ import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassF1Score
 
 from idrecog.data.datamodule import IdDataModule
@@ -81,35 +82,57 @@ def evaluate(
 
 def run_control(
     name: str,
-    dm: IdDataModule,
+    loaders: tuple[DataLoader, DataLoader],
+    spec: Any,
+    t: int,
+    img_size: tuple[int, int],
     seconds: float,
     lr: float,
     evals: int,
     seed: int,
     min_quality: float | None = None,
 ) -> dict[str, Any]:
+    """Train control ``name`` on tampering for ``seconds`` of training (validations not counted); ``loaders``:
+    (train, val), built once so their persistent workers keep the decoded images across epochs and models."""
+    train_loader, val_loader = loaders
     torch.manual_seed(seed)
-    spec = dm.catalogue[TASK]
-    t = dm.catalogue.names.index(TASK)
-    model = create_control(name, dm.img_size, spec.num_classes)
+    model = create_control(name, img_size, spec.num_classes)
     # inverse class frequency over the labelled training samples: predicting the majority scores nothing
     counts = torch.zeros(spec.num_classes)
-    for batch in dm.train_dataloader():
+    for batch in train_loader:
         _, y = _tampering_batch(batch, t, min_quality)
         counts += torch.bincount(y, minlength=spec.num_classes)
     weight = counts.sum() / (spec.num_classes * counts.clamp(min=1))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    history: list[dict[str, Any]] = []
-    steps, images, start = 0, 0, time.perf_counter()
-    clock = {"start": start}  # validation time is moved out of the training budget by shifting the start
-    next_eval = seconds / evals
     train_f1 = MulticlassF1Score(spec.num_classes, average="macro")
-    done = False
-    while not done:
-        for batch in dm.train_dataloader():
-            elapsed = time.perf_counter() - clock["start"]
+    history: list[dict[str, Any]] = []
+    steps, images, start, paused = 0, 0, time.perf_counter(), 0.0
+
+    def trained() -> float:
+        return time.perf_counter() - start - paused
+
+    def log() -> None:
+        nonlocal paused
+        t0 = time.perf_counter()
+        val = evaluate(model, val_loader, t, spec.num_classes, min_quality)
+        paused += time.perf_counter() - t0  # validation is not training time
+        row = {
+            "steps": steps,
+            "images": images,
+            "train_seconds": round(trained(), 1),
+            "train_f1": round(float(train_f1.compute()), 3) if train_f1.update_count else None,
+            "val_f1": round(val["f1"], 3),
+            "val_f1_per_class": val["per_class"],
+        }
+        print(f"[{name}] {json.dumps(row)}", flush=True)
+        history.append(row)
+        train_f1.reset()
+
+    next_eval = seconds / evals
+    while trained() < seconds:
+        for batch in train_loader:
+            elapsed = trained()
             if elapsed >= seconds:
-                done = True
                 break
             # warm-up then cosine over the wall-clock budget
             frac = elapsed / seconds
@@ -127,35 +150,14 @@ def run_control(
             train_f1.update(logits.detach().argmax(-1), y)
             steps += 1
             images += len(y)
-            if time.perf_counter() - clock["start"] >= next_eval:
+            if trained() >= next_eval:
                 next_eval += seconds / evals
-                history.append(
-                    _log(name, model, dm, t, spec.num_classes, steps, images, clock, train_f1, min_quality)
-                )
-                train_f1.reset()
+                log()
     if not history or history[-1]["steps"] != steps:
-        history.append(
-            _log(name, model, dm, t, spec.num_classes, steps, images, clock, train_f1, min_quality)
-        )
+        log()
     best = max(history, key=lambda h: h["val_f1"])
     params = sum(p.numel() for p in model.parameters())
     return {"model": name, "params_m": params / 1e6, "history": history, "best": best, "final": history[-1]}
-
-
-def _log(name, model, dm, t, num_classes, steps, images, clock, train_f1, min_quality) -> dict[str, Any]:
-    trained = time.perf_counter() - clock["start"]
-    val = evaluate(model, dm.val_dataloader(), t, num_classes, min_quality)
-    clock["start"] = time.perf_counter() - trained
-    row = {
-        "steps": steps,
-        "images": images,
-        "train_seconds": round(trained, 1),
-        "train_f1": round(float(train_f1.compute()), 3) if train_f1.update_count else None,
-        "val_f1": round(val["f1"], 3),
-        "val_f1_per_class": val["per_class"],
-    }
-    print(f"[{name}] {json.dumps(row)}", flush=True)
-    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -192,8 +194,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         load_frames=False,
     )
     dm.setup("fit")
+    loaders = (dm.train_dataloader(), dm.val_dataloader())
+    spec, t = dm.catalogue[TASK], dm.catalogue.names.index(TASK)
     results = [
-        run_control(m, dm, args.seconds, args.lr, args.evals, args.seed, args.min_quality)
+        run_control(
+            m, loaders, spec, t, dm.img_size, args.seconds, args.lr, args.evals, args.seed, args.min_quality
+        )
         for m in args.models
     ]
     print("\n| model | params (M) | steps | images seen | best val macro F1 | final val macro F1 |")
