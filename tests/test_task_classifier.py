@@ -311,6 +311,7 @@ def test_recognizer_resolves_images_without_doc_type(trained, tmp_path: Path) ->
         CAT, ckpt, threshold={"hologram": 0.5, "nationality_match": 0.5}, cache_dir=tmp_path
     )
     rec = Recognizer(module, task_resolver=resolver)
+    assert rec.info()["task_resolver"] == str(ckpt)  # what `idrecog serve`'s GET /health reports
     s = read_manifest(data / "val.jsonl", CAT)[0]
     image = Image.open(data / s.image).convert("RGB")
     reqs = [
@@ -324,3 +325,34 @@ def test_recognizer_resolves_images_without_doc_type(trained, tmp_path: Path) ->
     expected = resolver.resolve_images(rec.make_batch(reqs[1:])["image"])[0]
     assert none["tasks"] == {"resolved": expected, "how": TASK_CLASSIFIER}
     assert set(none["outputs"]) <= set(expected)
+
+
+def test_recognize_command_uses_the_task_classifier(trained, tmp_path: Path, capsys) -> None:
+    """``idrecog recognize --task_resolver {...}``: images without --doc_type get the classifier's task set;
+    a missing checkpoint or an unknown argument fails before any model is loaded, naming the flag."""
+    from PIL import Image
+
+    from idrecog.recognition.recognizer import TASK_CLASSIFIER, RecognitionRequest, Recognizer
+    from tests.test_recognize import make_tiny_module, save_checkpoint
+
+    data, ckpt, _ = trained
+    unified = save_checkpoint(make_tiny_module(), tmp_path / "unified.ckpt")
+    image = str(data / read_manifest(data / "val.jsonl", CAT)[0].image)
+    spec = json.dumps({"task_classifier_ckpt": str(ckpt), "threshold": {"hologram": 0.99}})
+    argv = ["recognize", image, "--ckpt_path", str(unified), "--rules", "none", "--task_resolver", spec]
+    assert idrecog_main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    resolver = ClassifierResolver(CAT, ckpt, threshold={"hologram": 0.99}, device="cpu", cache_dir=tmp_path)
+    rec = Recognizer.from_checkpoint(unified)
+    batch = rec.make_batch([RecognitionRequest(image=Image.open(image).convert("RGB"), id="x")])
+    assert record["tasks"] == {"resolved": resolver.resolve_images(batch["image"])[0], "how": TASK_CLASSIFIER}
+    assert "hologram" not in record["tasks"]["resolved"]  # its threshold was raised out of reach
+
+    missing = ["--task_resolver", json.dumps({"task_classifier_ckpt": str(tmp_path / "nope.ckpt")})]
+    # the unified checkpoint does not exist either: the resolver's error comes first
+    assert idrecog_main(["recognize", image, "--ckpt_path", str(tmp_path / "none.ckpt"), *missing]) == 2
+    err = capsys.readouterr().err
+    assert "--task_resolver.task_classifier_ckpt: checkpoint not found" in err and "nope.ckpt" in err
+    bad = ["--task_resolver", json.dumps({"task_classifier_ckpt": str(ckpt), "thresold": 0.3})]
+    assert idrecog_main(["recognize", image, "--ckpt_path", str(unified), *bad]) == 2
+    assert "--task_resolver" in (err := capsys.readouterr().err) and "thresold" in err

@@ -85,12 +85,12 @@ def manifest_sha256(samples: list[Sample]) -> str:
     return h.hexdigest()
 
 
-def _check_threshold(threshold: Any) -> None:
+def _check_threshold(threshold: Any, field: str = _ARG) -> None:
     values = threshold.values() if isinstance(threshold, Mapping) else [threshold]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < float(v) < 1.0:
             raise ConfigError(
-                f"{_ARG}.threshold: must be a probability in (0, 1) or {{task: probability}}, got {threshold!r}"
+                f"{field}.threshold: must be a probability in (0, 1) or {{task: probability}}, got {threshold!r}"
             )
 
 
@@ -110,6 +110,8 @@ class ClassifierResolver(TaskResolver):
             the agreement with the mapping (0: none).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
         num_workers: DataLoader workers reading the images.
+        field: how error messages name these arguments (``data.resolver_args`` in the DataModule,
+            ``--task_resolver`` in ``idrecog recognize``/``serve``).
     """
 
     name = "classifier"
@@ -126,9 +128,12 @@ class ClassifierResolver(TaskResolver):
         check: int = 64,
         device: str = "auto",
         num_workers: int = 0,
+        field: str = _ARG,
     ) -> None:
         super().__init__(catalogue)
+        self.field = field
         type(self).check_args(
+            field=field,
             task_classifier_ckpt=task_classifier_ckpt,
             threshold=threshold,
             mode=mode,
@@ -140,7 +145,7 @@ class ClassifierResolver(TaskResolver):
             unknown = sorted(set(threshold) - set(catalogue.names))
             if unknown:
                 raise ConfigError(
-                    f"{_ARG}.threshold: unknown task(s) {', '.join(unknown)}; the catalogue has: {', '.join(catalogue.names)}"
+                    f"{field}.threshold: unknown task(s) {', '.join(unknown)}; the catalogue has: {', '.join(catalogue.names)}"
                 )
         self.threshold = threshold
         self.thresholds = torch.tensor(
@@ -167,26 +172,27 @@ class ClassifierResolver(TaskResolver):
 
     # ------------------------------------------------------------------ validation and loading
     @classmethod
-    def check_args(cls, **kwargs: Any) -> None:
-        """Catalogue-free checks the DataModule runs when it is built, before any data is generated or read."""
+    def check_args(cls, field: str = _ARG, **kwargs: Any) -> None:
+        """Catalogue-free checks the DataModule runs when it is built, before any data is generated or read
+        (``field``: how messages name the arguments)."""
         ckpt = kwargs.get("task_classifier_ckpt")
         if ckpt is None:
-            raise ConfigError(f"{_ARG}.task_classifier_ckpt is required for data.task_resolver: classifier")
+            raise ConfigError(f"{field}.task_classifier_ckpt is required for the classifier task resolver")
         if not Path(ckpt).is_file():
             raise ConfigError(
-                f"{_ARG}.task_classifier_ckpt: checkpoint not found: {ckpt} (train one with "
+                f"{field}.task_classifier_ckpt: checkpoint not found: {ckpt} (train one with "
                 "`idrecog fit --config lightning_configs/task_classifier.yaml`)"
             )
         mode = kwargs.get("mode", "missing_only")
         if mode not in cls.MODES:
-            raise ConfigError(f"{_ARG}.mode must be one of {cls.MODES}, got {mode!r}")
-        _check_threshold(kwargs.get("threshold", 0.5))
+            raise ConfigError(f"{field}.mode must be one of {cls.MODES}, got {mode!r}")
+        _check_threshold(kwargs.get("threshold", 0.5), field)
         bs = kwargs.get("batch_size", 64)
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-            raise ConfigError(f"{_ARG}.batch_size must be an integer >= 1, got {bs!r}")
+            raise ConfigError(f"{field}.batch_size must be an integer >= 1, got {bs!r}")
         check = kwargs.get("check", 64)
         if isinstance(check, bool) or not isinstance(check, int) or check < 0:
-            raise ConfigError(f"{_ARG}.check must be an integer >= 0, got {check!r}")
+            raise ConfigError(f"{field}.check must be an integer >= 0, got {check!r}")
 
     def _load(self) -> TaskClassifierModule:
         key = (self.ckpt_sha, str(self.device))
@@ -227,7 +233,7 @@ class ClassifierResolver(TaskResolver):
             if only_cat:
                 parts.append(f"only in {self.catalogue.source}: {', '.join(only_cat)}")
             raise ConfigError(
-                f"{_ARG}.task_classifier_ckpt: {self.ckpt_path}: its task list differs from the catalogue ("
+                f"{self.field}.task_classifier_ckpt: {self.ckpt_path}: its task list differs from the catalogue ("
                 + "; ".join(parts)
                 + ")"
             )

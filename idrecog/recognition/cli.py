@@ -23,6 +23,42 @@ def _rules_arg(value: str | None) -> str | None:
     return value
 
 
+TASK_RESOLVER_HELP = (
+    "task classifier for images without a doc type: {task_classifier_ckpt: PATH, threshold: 0.5 or "
+    "{task: p}, device: as --device} (docs/task-resolution.md); default: the model's own doc-type head"
+)
+RESOLVER_KEYS = ("task_classifier_ckpt", "threshold", "device")
+
+
+def _check_task_resolver(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Fail on bad ``--task_resolver`` arguments (a missing checkpoint included) before any model is loaded."""
+    from idrecog.data.classifier_resolver import ClassifierResolver
+
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ConfigError(
+            f"--task_resolver must be a mapping {{task_classifier_ckpt: PATH, ...}}, got {spec!r}"
+        )
+    kwargs = dict(spec)
+    valid = RESOLVER_KEYS  # what resolve_images uses (mode, cache and loader settings are for datasets)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"--task_resolver: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
+        )
+    ClassifierResolver.check_args(field="--task_resolver", **kwargs)
+    return kwargs
+
+
+def _attach_task_resolver(rec: Any, kwargs: dict[str, Any] | None, device: str) -> None:
+    from idrecog.data.classifier_resolver import ClassifierResolver
+
+    if kwargs is not None:
+        kwargs = {"device": device, **kwargs, "field": "--task_resolver"}
+        rec.task_resolver = ClassifierResolver(rec.catalogue, **kwargs)
+
+
 def _open_image(path: str, field: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
@@ -47,6 +83,7 @@ def recognize_parser() -> ArgumentParser:
         "--user", default=None, help="user info: a JSON object {attributes, behaviour} or a .json file"
     )
     p.add_argument("--doc-type", "--doc_type", dest="doc_type", default=None, help="known document type")
+    p.add_argument("--task_resolver", type=dict | None, default=None, help=TASK_RESOLVER_HELP)
     p.add_argument("--rules", default="default", help="rule file; 'default' (shipped) or 'none'")
     p.add_argument("--out", default=None, help="folder for segmentation masks (PNG)")
     p.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
@@ -57,6 +94,8 @@ def recognize_parser() -> ArgumentParser:
 def recognize_main(argv: list[str]) -> int:
     args = recognize_parser().parse_args(argv)
     from idrecog.recognition.recognizer import RecognitionRequest, Recognizer
+
+    resolver_kwargs = _check_task_resolver(args.task_resolver)
 
     user = None
     if args.user:
@@ -78,6 +117,7 @@ def recognize_main(argv: list[str]) -> int:
         out_dir=args.out,
         batch_size=args.batch_size,
     )
+    _attach_task_resolver(rec, resolver_kwargs, args.device)
     flash = _open_image(args.flash, "--flash") if args.flash else None
     angles = [_open_image(a, "--angles") for a in args.angles or []]
     requests = [
@@ -130,11 +170,14 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--rules", default="default", help="rule file; 'default' (shipped) or 'none'")
     p.add_argument("--limits", type=ServeLimits, default=ServeLimits(), help="request limits and batching")
+    p.add_argument("--task_resolver", type=dict | None, default=None, help=TASK_RESOLVER_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--log_level", default="warning")
     args = p.parse_args(argv)
     from idrecog.recognition.recognizer import Recognizer
     from idrecog.recognition.serve import serve
+
+    resolver_kwargs = _check_task_resolver(args.task_resolver)
 
     limits = args.limits if isinstance(args.limits, ServeLimits) else ServeLimits(**dict(args.limits))
     rec = Recognizer.from_checkpoint(
@@ -143,6 +186,7 @@ def serve_main(argv: list[str]) -> int:
         rules=_rules_arg(args.rules),
         batch_size=limits.max_batch_size,
     )
+    _attach_task_resolver(rec, resolver_kwargs, args.device)
     print(
         f"[idrecog] serving {args.ckpt_path} on http://{args.host}:{args.port} (POST /recognize, GET /health)"
     )

@@ -186,6 +186,11 @@ class Recognizer:
             "img_size": list(self.img_size),
             "doc_type_task": self.doc_type_task,
             "rules": self.rules.source if self.rules is not None else None,
+            "task_resolver": (
+                str(getattr(self.task_resolver, "ckpt_path", type(self.task_resolver).__name__))
+                if self.task_resolver is not None
+                else None
+            ),
         }
 
     # ------------------------------------------------------------------ inputs
