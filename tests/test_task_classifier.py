@@ -79,6 +79,24 @@ def test_loss_ignores_samples_without_doc_type() -> None:
     assert float(empty) == 0.0 and empty.requires_grad
 
 
+def test_exact_match_readable_leaves_out_images_without_a_doc_type_label(monkeypatch) -> None:
+    """A sample whose doc-type label is null (its image does not show the doc type) counts in exact_match but not
+    in exact_match_readable; a sample without doc_type counts in neither."""
+    m = _tiny_classifier()
+    assert CAT.doc_type_task == "doc_type"
+    doc_types = ["ald_passport", "brv_id_card", "cst_passport", None]
+    targets, _ = task_targets(CAT, doc_types)
+    logits = targets * 20 - 10  # every task set right ...
+    logits[1] = -logits[1]  # ... but the second one's
+    monkeypatch.setattr(m, "forward", lambda images: logits)
+    present = torch.ones(4, len(CAT), dtype=torch.bool)
+    present[1, CAT.index("doc_type")] = False  # the second image shows no document
+    m._step({"image": torch.zeros(4, 3, 8, 8), "doc_type": doc_types, "present": present}, "val")
+    assert float(m.metrics["val"]["exact_match"].compute()) == pytest.approx(2 / 3)
+    assert float(m.readable_exact_match["val"].compute()) == 1.0
+    assert m.readable_exact_match["val"].update_count == 1
+
+
 def test_catalogue_without_doc_types_is_refused() -> None:
     cat = TaskCatalogue([TaskSpec("a", "classification", classes=("x", "y"))])
     with pytest.raises(ConfigError, match="doc_types"):
@@ -103,6 +121,7 @@ def test_shared_encoder_backbone() -> None:
 def test_fit_logs_metrics_and_checkpoint_loads_weights_only(trained) -> None:
     _, ckpt, metrics = trained
     assert "val/exact_match" in metrics and 0.0 <= metrics["val/exact_match"] <= 1.0
+    assert 0.0 <= metrics["val/exact_match_readable"] <= 1.0
     assert all(f"val/{t}/f1" in metrics for t in CAT.names)
     # the tiny val split has every doc type once (its last line has no doc type)
     assert {f"val/task_set_acc/{dt}" for dt in list(CAT.doc_types or {})[:5]} <= set(metrics)

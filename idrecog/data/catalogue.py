@@ -116,6 +116,16 @@ class TaskCatalogue:
             return self.names
         return list(self.doc_types[doc_type])
 
+    @property
+    def doc_type_task(self) -> str | None:
+        """The classification task whose classes are the ``doc_types`` (a doc-type classifier), if any."""
+        if not self.doc_types:
+            return None
+        for spec in self.tasks:
+            if spec.type == "classification" and spec.classes and set(spec.classes) <= set(self.doc_types):
+                return spec.name
+        return None
+
     def types(self) -> list[str]:
         """Distinct task types in catalogue order."""
         return list(dict.fromkeys(t.type for t in self.tasks))

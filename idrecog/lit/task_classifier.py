@@ -158,6 +158,12 @@ class TaskClassifierModule(L.LightningModule):
                 for stage in STAGES
             }
         )
+        # exact match over the samples whose doc-type label is present: the image shows its doc type (a sample
+        # whose image does not, e.g. no document in view, has no readable task set: it caps exact_match below 1)
+        self.doc_type_task = cat.doc_type_task
+        self.readable_exact_match = nn.ModuleDict(
+            {stage: MultilabelExactMatch(num_labels=t, threshold=threshold) for stage in STAGES}
+        )
         # task-set accuracy per doc type: exact match over that doc type's samples
         self.doc_type_names = list(cat.doc_types)
         self.task_set_acc = nn.ModuleDict(
@@ -225,6 +231,10 @@ class TaskClassifierModule(L.LightningModule):
             probs = torch.sigmoid(logits.detach().float())
             tgt = targets.long()
             self.metrics[stage].update(probs[known], tgt[known])
+            if self.doc_type_task is not None and "present" in batch:
+                readable = known & batch["present"][:, self.catalogue.index(self.doc_type_task)]
+                if readable.any():
+                    self.readable_exact_match[stage].update(probs[readable], tgt[readable])
             for dt in set(d for d in batch["doc_type"] if d is not None and d in self.catalogue.doc_types):
                 sel = torch.tensor([d == dt for d in batch["doc_type"]], device=logits.device)
                 self.task_set_acc[stage][module_key(dt)].update(probs[sel], tgt[sel])
@@ -270,6 +280,10 @@ class TaskClassifierModule(L.LightningModule):
             # the stage's headline number, which the CLI's summary table shows
             self.log(f"{stage}/score", values["exact_match"])
         mc.reset()
+        readable = self.readable_exact_match[stage]
+        if readable.update_count:
+            self.log(f"{stage}/exact_match_readable", readable.compute())
+        readable.reset()
         for dt in self.doc_type_names:
             m = self.task_set_acc[stage][module_key(dt)]
             if m.update_count:

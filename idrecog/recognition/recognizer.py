@@ -41,12 +41,7 @@ def safe_name(text: str) -> str:
 
 def find_doc_type_task(catalogue: TaskCatalogue) -> str | None:
     """The classification task whose classes are the catalogue's doc types (the model's own doc-type classifier)."""
-    if not catalogue.doc_types:
-        return None
-    for spec in catalogue:
-        if spec.type == "classification" and spec.classes and set(spec.classes) <= set(catalogue.doc_types):
-            return spec.name
-    return None
+    return catalogue.doc_type_task
 
 
 def resolve_tasks(
