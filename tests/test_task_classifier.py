@@ -79,6 +79,7 @@ def test_loss_ignores_samples_without_doc_type() -> None:
     assert float(empty) == 0.0 and empty.requires_grad
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # the step runs without a Trainer
 def test_exact_match_readable_leaves_out_images_without_a_doc_type_label(monkeypatch) -> None:
     """A sample whose doc-type label is null (its image does not show the doc type) counts in exact_match but not
     in exact_match_readable; a sample without doc_type counts in neither."""
