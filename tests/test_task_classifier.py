@@ -257,6 +257,29 @@ def test_bad_input(trained, tmp_path: Path) -> None:
         ClassifierResolver(CAT, bogus, cache_dir=tmp_path)
 
 
+def test_fit_command_prints_the_classifiers_own_table(trained, tmp_path: Path, capsys) -> None:
+    """`idrecog fit` of the task classifier ends with its exact-match figures, per-task F1 and per-doc-type
+    task-set accuracy, not the unified model's per-task-type table."""
+    data, _, _ = trained
+    config = {
+        "trainer": {"accelerator": "cpu", "fast_dev_run": True, "default_root_dir": str(tmp_path / "run")},
+        "model": {
+            "class_path": "idrecog.lit.task_classifier.TaskClassifierModule",
+            "init_args": {"backbone": "test_resnet", "input_size": [32, 48]},
+        },
+        "data": {"root": str(data), "img_size": list(TINY_SIZE), "batch_size": 6, "augment": False},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert idrecog_main(["fit", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    val = out[out.index("[val] ") :]
+    assert val.startswith("[val] exact_match=") and "exact_match_readable=" in val.splitlines()[0]
+    assert "task (applies: F1)" in val and "doc type (task-set accuracy)" in val
+    assert all(f"\n{t} " in val for t in CAT.names)
+    assert "regression" not in val and "segmentation" not in val  # no task-type column
+
+
 def test_fit_fast_dev_run_with_classifier_resolver(trained, tmp_path: Path) -> None:
     data, ckpt, _ = trained
     config = {

@@ -117,7 +117,10 @@ class IdrecogCLI(LightningCLI):
         from idrecog.lit.unified import format_metrics_table
 
         catalogue = getattr(self.datamodule, "catalogue", None)
-        print(f"\n{title}\n" + format_metrics_table(metrics, catalogue), flush=True)
+        # a module with keys of its own (the task classifier) formats them; else the per-task-type table
+        fmt = getattr(self.model, "format_metrics", None)
+        table = fmt(metrics) if callable(fmt) else format_metrics_table(metrics, catalogue)
+        print(f"\n{title}\n" + table, flush=True)
         if self.trainer.logger is not None and getattr(self.trainer.logger, "log_dir", None):
             print(f"metrics: {os.path.join(self.trainer.logger.log_dir, 'metrics.csv')}")
         ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "")

@@ -297,6 +297,32 @@ class TaskClassifierModule(L.LightningModule):
         self._epoch_end("test")
 
     # ------------------------------------------------------------------ optimiser
+    # ------------------------------------------------------------------ summary
+    def format_metrics(self, metrics: Mapping[str, float]) -> str:
+        """The CLI's end-of-run table: per stage the exact-match figures, then per task "does it apply" F1 and
+        per doc type the task-set accuracy (the unified model's per-task-type table does not fit these keys)."""
+        lines: list[str] = []
+        for stage in ("train", "val", "test"):
+            if not any(k.startswith(f"{stage}/") for k in metrics):
+                continue
+            head = [
+                f"{k}={metrics[f'{stage}/{k}']:.4f}"
+                for k in ("exact_match", "exact_match_readable", "loss")
+                if f"{stage}/{k}" in metrics
+            ]
+            lines.append(f"[{stage}] " + "  ".join(head))
+            rows = [(t, metrics.get(f"{stage}/{t}/f1")) for t in self.task_names]
+            rows = [(t, v) for t, v in rows if v is not None]
+            sets = [(dt, metrics.get(f"{stage}/task_set_acc/{dt}")) for dt in self.doc_type_names]
+            sets = [(dt, v) for dt, v in sets if v is not None]
+            for title, pairs in (("task (applies: F1)", rows), ("doc type (task-set accuracy)", sets)):
+                if pairs:
+                    width = max(len(title), *(len(n) for n, _ in pairs))
+                    lines.append(title.ljust(width) + "  value")
+                    lines += [f"{n.ljust(width)}  {v:.4f}" for n, v in pairs]
+            lines.append("")
+        return "\n".join(lines).rstrip() + "\n" if lines else "(no metrics)\n"
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         vit = self.backbone.vit if self.uses_encoder else None
