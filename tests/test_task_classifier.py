@@ -396,6 +396,9 @@ def test_recognize_command_uses_the_task_classifier(trained, tmp_path: Path, cap
     assert idrecog_main(["recognize", image, "--ckpt_path", str(tmp_path / "none.ckpt"), *missing]) == 2
     err = capsys.readouterr().err
     assert "--task_resolver.task_classifier_ckpt: checkpoint not found" in err and "nope.ckpt" in err
+    # `idrecog serve` checks the same flag the same way, before loading a model or opening a port
+    assert idrecog_main(["serve", "--ckpt_path", str(tmp_path / "none.ckpt"), *missing]) == 2
+    assert "--task_resolver.task_classifier_ckpt: checkpoint not found" in capsys.readouterr().err
     bad = ["--task_resolver", json.dumps({"task_classifier_ckpt": str(ckpt), "thresold": 0.3})]
     assert idrecog_main(["recognize", image, "--ckpt_path", str(unified), *bad]) == 2
     assert "--task_resolver" in (err := capsys.readouterr().err) and "thresold" in err
