@@ -194,3 +194,47 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pyte
         atomic_torch_save({"v": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_last_checkpoint_is_the_final_step_after_a_finished_fit(tmp_path: Path) -> None:
+    """Lightning 2.6 refreshes ``save_last`` only when its callback saves; a monitored best checkpoint whose
+    metric stops improving would leave ``last.ckpt`` behind. ``PreemptionCheckpoint`` saves the final step, and
+    ``--ckpt_path last`` resumes from there."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from idrecog.reliability.callbacks import PreemptionCheckpoint
+
+    class Worsening(BoringModel):
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            out = super().validation_step(batch, batch_idx)
+            self.log("v", -float(self.current_epoch))  # the first validation stays the best
+            return out
+
+    def trainer(epochs: int) -> L.Trainer:
+        best = ModelCheckpoint(
+            dirpath=tmp_path,
+            filename="best",
+            monitor="v",
+            mode="max",
+            save_last=True,
+            enable_version_counter=False,
+        )
+        return L.Trainer(
+            max_epochs=epochs,
+            limit_train_batches=4,
+            limit_val_batches=1,
+            callbacks=[best, PreemptionCheckpoint()],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    t = trainer(3)
+    t.fit(Worsening())
+    assert t.global_step == 12
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["global_step"] == 4
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 12
+    resumed = trainer(4)
+    resumed.fit(Worsening(), ckpt_path="last")
+    assert resumed.global_step == 16  # one more epoch from step 12, not three from step 4

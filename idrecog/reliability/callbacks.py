@@ -5,7 +5,10 @@
   leaves a truncated ``last.ckpt``. This plug-in writes ``<name>.tmp-<pid>`` beside the target, fsyncs it and
   ``os.replace``-s it: a reader sees the old file or the new one, never a part.
 * :class:`PreemptionCheckpoint`: Lightning turns SIGTERM into ``SIGTERMException`` after the running batch but
-  saves nothing outside SLURM; this callback writes ``last.ckpt`` (resume with ``--ckpt_path last``).
+  saves nothing outside SLURM; this callback writes ``last.ckpt`` (resume with ``--ckpt_path last``). It also
+  writes it at the end of a finished fit when no ModelCheckpoint saved the final step: Lightning 2.6 refreshes
+  ``save_last`` only when a checkpoint is saved, so a monitored best-checkpoint callback leaves ``last.ckpt`` at
+  the last improvement.
 * :class:`SkipReport`: counts samples dropped under ``data.on_error: skip`` (pre-flight and at load time), prints
   them at the end of each epoch and in a final summary.
 """
@@ -99,7 +102,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM (Lightning's ``SIGTERMException``), save ``last.ckpt`` in the ModelCheckpoint's folder.
+    """Keep ``last.ckpt`` (in the ModelCheckpoint's folder) the latest state: save it on SIGTERM (Lightning's
+    ``SIGTERMException``), and at the end of a finished fit when a ModelCheckpoint keeps a ``last`` file but saved
+    none at the final step (its ``save_last`` follows its saves: with ``monitor``, the last improvement).
 
     Args:
         dirpath: where to write; None: the first ModelCheckpoint's ``dirpath``, else
@@ -120,6 +125,26 @@ class PreemptionCheckpoint(Callback):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath:
                 return str(cb.dirpath)
         return os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run or trainer.global_step == 0:
+            return
+        keepers = [
+            cb
+            for cb in trainer.callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.save_last  # type: ignore[attr-defined]
+        ]
+        # Lightning's own record of each callback's latest save (no public accessor)
+        if not keepers or any(
+            getattr(cb, "_last_global_step_saved", None) == trainer.global_step and cb.last_model_path
+            for cb in keepers
+        ):
+            return
+        path = os.path.join(self._dir(trainer), self.filename)
+        trainer.save_checkpoint(path)
+        for cb in keepers:  # so `--ckpt_path last` and the callbacks' state name this file
+            cb.last_model_path = path
+        rank_zero_info(f"[checkpoint] saved {path} at the final step {trainer.global_step}")
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
