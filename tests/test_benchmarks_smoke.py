@@ -137,3 +137,27 @@ def test_tampering_control_keeps_labelled_and_clean_samples() -> None:
     assert y.tolist() == [0, 1, 2] and x.flatten().tolist() == [0.0, 1.0, 3.0]
     x, y = tc._tampering_batch(batch, 0, 0.5)  # the unlabelled quality (NaN) is not clean
     assert y.tolist() == [0] and x.flatten().tolist() == [0.0]
+
+
+def test_config_seeds_table_reads_the_test_table_and_the_step(tmp_path: Path, capsys) -> None:
+    """benchmarks/gpu_config_seeds.sh's table: test metrics from the `idrecog test` summary in each run's log,
+    the step from its last.ckpt, the fit time from the script's own line; missing pieces print as '-'."""
+    import torch
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "hybrid_s1.log").write_text(
+        "validation metrics (last epoch)\n[val] score=0.5000\ndoc_type  classification  accuracy=0.1000\n"
+        "fit rc=0 fit wall 69\n\ntest metrics\n[test] score=0.6469  gate_accuracy=1.0000\n"
+        "doc_type           classification  accuracy=1.0000  accuracy=1.0000  auroc=0.9990\n"
+        "card_mask          segmentation    miou=0.7720      loss=0.4  miou=0.7720\n"
+    )
+    (logs / "default_s0.log").write_text("fit rc=124\n")  # killed: no test table, no checkpoint
+    (tmp_path / "hybrid_s1" / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 188}, tmp_path / "hybrid_s1" / "checkpoints" / "last.ckpt")
+    _load("config_seeds_table").main(str(tmp_path))
+    rows = {r.split(" | ")[0].strip("| "): r for r in capsys.readouterr().out.splitlines()[2:]}
+    hybrid = [c.strip() for c in rows["hybrid_s1"].strip("|").split("|")]
+    assert hybrid[:5] == ["hybrid_s1", "188", "0.6469", "1.0000", "0.7720"]  # the test value, not the val one
+    assert hybrid[-1] == "69" and hybrid[5] == "-"  # image_quality missing from this log
+    assert set(c.strip() for c in rows["default_s0"].strip("|").split("|")[1:]) == {"-"}
