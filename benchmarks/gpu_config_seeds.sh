@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The default job (lightning_configs/unified.yaml, same 189 steps) with and without a config overlay, several seeds
+# The default job (lightning_configs/unified.yaml, its 3 epochs) with and without a config overlay, several seeds
 # side by side on one lent GPU, then `idrecog test` of each best checkpoint:
 #
 #   bash benchmarks/gpu_config_seeds.sh [OUT_DIR]     # on a GPU machine, from the repository root
