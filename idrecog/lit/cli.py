@@ -97,8 +97,8 @@ class IdrecogCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # reliability (docs/reliability.md): SIGTERM saves last.ckpt; checkpoints are written atomically and
-        # read with weights_only=True (a user's own CheckpointIO plug-in is kept)
+        # reliability (docs/reliability.md): SIGTERM and the end of fit save last.ckpt; checkpoints are written
+        # atomically and read with weights_only=True (a user's own CheckpointIO plug-in is kept)
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
         from idrecog.reliability.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
