@@ -280,6 +280,37 @@ def test_fit_command_prints_the_classifiers_own_table(trained, tmp_path: Path, c
     assert "regression" not in val and "segmentation" not in val  # no task-type column
 
 
+def test_predict_command_writes_task_sets(trained, tmp_path: Path) -> None:
+    """`idrecog predict` with the config's JsonlWriter: one line per predict-split image, its tasks the ones whose
+    probability reaches the checkpoint's threshold (0.5)."""
+    data, ckpt, _ = trained
+    out = tmp_path / "pred"
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "logger": False,
+            "callbacks": [
+                {"class_path": "idrecog.callbacks.JsonlWriter", "init_args": {"output_dir": str(out)}}
+            ],
+        },
+        "model": {
+            "class_path": "idrecog.lit.task_classifier.TaskClassifierModule",
+            "init_args": {"backbone": "test_resnet", "input_size": [32, 48]},
+        },
+        "data": {"root": str(data), "img_size": list(TINY_SIZE), "batch_size": 1, "predict_split": "val"},
+    }
+    path = tmp_path / "predict.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert idrecog_main(["predict", "--config", str(path), "--ckpt_path", str(ckpt)]) == 0
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    samples = read_manifest(data / "val.jsonl", CAT)
+    assert [x["id"] for x in lines] == [s.id for s in samples]  # batch_size 1: every batch written
+    assert [x["doc_type"] for x in lines] == [s.doc_type for s in samples]
+    for x in lines:
+        assert set(x["probs"]) == set(CAT.names)
+        assert x["tasks"] == [t for t in CAT.names if x["probs"][t] >= 0.5]
+
+
 def test_fit_fast_dev_run_with_classifier_resolver(trained, tmp_path: Path) -> None:
     data, ckpt, _ = trained
     config = {

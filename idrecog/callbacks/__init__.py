@@ -1,5 +1,6 @@
 """Lightning callbacks."""
 
+from idrecog.callbacks.jsonl import JsonlWriter
 from idrecog.callbacks.mae_images import MAEReconstructionImages, make_reconstruction_grid
 
-__all__ = ["MAEReconstructionImages", "make_reconstruction_grid"]
+__all__ = ["JsonlWriter", "MAEReconstructionImages", "make_reconstruction_grid"]
