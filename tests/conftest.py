@@ -32,6 +32,34 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _repo_changes() -> set[str] | None:
+    """`git status --porcelain` lines of the checkout (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(out.stdout.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tests_leave_the_checkout_alone():
+    """A test that writes into the repository (e.g. LightningCLI's config.yaml without a logger lands in the
+    working directory) fails the session instead of being committed by accident; ignored folders (runs/, data/)
+    do not count."""
+    before = _repo_changes()
+    yield
+    after = _repo_changes()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"the tests changed the checkout: {sorted(after - before)}", pytrace=False)
+
+
 TINY_SIZE = (64, 96)  # (H, W): a multiple of 16 and 32, aspect 1.5
 NATIONS = {"ald": "ALD", "brv": "BRV", "cst": "CST"}
 

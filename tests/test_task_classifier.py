@@ -289,6 +289,9 @@ def test_predict_command_writes_task_sets(trained, tmp_path: Path) -> None:
         "trainer": {
             "accelerator": "cpu",
             "logger": False,
+            "default_root_dir": str(
+                tmp_path / "run"
+            ),  # where LightningCLI saves config.yaml without a logger
             "callbacks": [
                 {"class_path": "idrecog.callbacks.JsonlWriter", "init_args": {"output_dir": str(out)}}
             ],
