@@ -1,24 +1,26 @@
 """``JsonlWriter``: ``idrecog predict`` for modules whose ``predict_step`` returns JSON-able objects.
 
 Each object of each batch's list becomes one line of ``output_dir/predictions.jsonl``. The task classifier's
-config uses it (one ``{"id", "doc_type", "probs", "tasks"}`` per image); the unified model has its own writer
-(:class:`idrecog.recognition.writer.JsonlPredictionWriter`), which also draws masks and applies decision rules.
+config uses it (one ``{"id", "doc_type", "probs", "tasks"}`` per image); the unified model's writer
+(:class:`idrecog.recognition.writer.JsonlPredictionWriter`) subclasses it to write recognition records, masks and
+overlays.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
 
 
 class JsonlWriter(BasePredictionWriter):
     """Writes ``output_dir/predictions.jsonl`` (``predictions.rank<r>.jsonl`` on more than one device), one line
-    per object that ``predict_step`` returns, flushed after every batch.
+    per object that ``predict_step`` returns, flushed after every batch. Subclasses turn a batch's prediction into
+    other objects by overriding :meth:`records`.
 
     Args:
         output_dir: folder for the file (created).
@@ -40,6 +42,10 @@ class JsonlWriter(BasePredictionWriter):
         self._file = self.path.open("w")
         self.count = 0
 
+    def records(self, prediction: Any, batch: Any) -> Iterable[Any]:
+        """The JSON-able objects of one batch (default: ``predict_step``'s list as it is)."""
+        return prediction if isinstance(prediction, list) else [prediction]
+
     def write_on_batch_end(
         self,
         trainer: L.Trainer,
@@ -51,7 +57,7 @@ class JsonlWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         assert self._file is not None
-        for obj in prediction if isinstance(prediction, list) else [prediction]:
+        for obj in self.records(prediction, batch):
             self._file.write(json.dumps(obj) + "\n")
             self.count += 1
         self._file.flush()
@@ -63,7 +69,7 @@ class JsonlWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close()
-        rank_zero_info(f"[idrecog] wrote {self.count} predictions to {self.path}")
+        print(f"[idrecog] wrote {self.count} predictions to {self.path}")
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

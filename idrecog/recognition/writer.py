@@ -11,16 +11,16 @@ for the samples of the DataModule's predict split. Add it in a config::
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, ImageDraw
 
-from idrecog.recognition.recognizer import _routing, find_doc_type_task, make_record, safe_name
+from idrecog.callbacks.jsonl import JsonlWriter
+from idrecog.recognition.recognizer import _routing, make_record, safe_name
 from idrecog.recognition.rules import RuleSet, load_rules
 
 # overlay colours per segmentation class index (index 0, background, stays transparent)
@@ -38,7 +38,7 @@ _PALETTE = np.array(
 )
 
 
-class JsonlPredictionWriter(BasePredictionWriter):
+class JsonlPredictionWriter(JsonlWriter):
     """Writes ``output_dir/predictions.jsonl`` (``predictions.rank<r>.jsonl`` on more than one device), masks as
     PNG under ``output_dir/masks`` and, with ``write_overlays``, ``output_dir/overlays/<id>.png``.
 
@@ -49,45 +49,27 @@ class JsonlPredictionWriter(BasePredictionWriter):
     """
 
     def __init__(self, output_dir: str, write_overlays: bool = False, rules: str | None = None) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        super().__init__(output_dir)
         self.write_overlays = write_overlays
         self.rules_path = rules
         self.rules: RuleSet | None = None
-        self._file: Any = None
         self._captured: dict[str, Any] = {}
         self._hook: Any = None
-        self.path: Path | None = None
-        self.count = 0
 
     def _capture(self, module: Any, args: Any, output: dict[str, Any]) -> None:
         self._captured = output
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        super().on_predict_start(trainer, pl_module)
         self.catalogue = pl_module.catalogue
         self.rules = load_rules(self.rules_path, self.catalogue) if self.rules_path else None
-        self.doc_type_task = find_doc_type_task(self.catalogue)
-        name = (
-            "predictions.jsonl" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.jsonl"
-        )
-        self.path = self.output_dir / name
-        self._file = self.path.open("w")
-        self.count = 0
+        self.doc_type_task = self.catalogue.doc_type_task
         # the gate's routing is not part of predict_step's result: read it from the same forward pass
         self._hook = pl_module.model.register_forward_hook(self._capture)
         self.type_names = list(pl_module.model.interpreter.type_names)
 
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def records(self, prediction: Any, batch: Any) -> Iterator[dict[str, Any]]:
+        """Recognition records (as ``idrecog recognize`` prints them), each written before the next is built."""
         routing = _routing(self._captured, self.type_names, len(prediction))
         for j, pred in enumerate(prediction):
             masks = {
@@ -103,18 +85,13 @@ class JsonlPredictionWriter(BasePredictionWriter):
             )
             if self.write_overlays:
                 record["overlay"] = str(self._overlay(batch["image"][j], record, masks))
-            self._file.write(json.dumps(record) + "\n")
-            self.count += 1
-        self._file.flush()
+            yield record
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        print(f"[idrecog] wrote {self.count} predictions to {self.path}")
+        super().on_predict_end(trainer, pl_module)
 
     def _overlay(self, image: Any, record: dict[str, Any], masks: dict[str, np.ndarray]) -> Path:
         from idrecog.data.transforms import denormalize
