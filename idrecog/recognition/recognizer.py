@@ -39,11 +39,6 @@ def safe_name(text: str) -> str:
     return out[:120] or "image"
 
 
-def find_doc_type_task(catalogue: TaskCatalogue) -> str | None:
-    """The classification task whose classes are the catalogue's doc types (the model's own doc-type classifier)."""
-    return catalogue.doc_type_task
-
-
 def resolve_tasks(
     catalogue: TaskCatalogue, doc_type: str | None, outputs: Mapping[str, Any], doc_type_task: str | None
 ) -> dict[str, Any]:
@@ -150,7 +145,7 @@ class Recognizer:
         self.rules = rules
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if doc_type_task == "auto":
-            doc_type_task = find_doc_type_task(self.catalogue)
+            doc_type_task = self.catalogue.doc_type_task
         elif doc_type_task is not None and doc_type_task not in self.catalogue:
             raise ConfigError(f"doc_type_task {doc_type_task!r} is not a task of the model")
         self.doc_type_task = doc_type_task
