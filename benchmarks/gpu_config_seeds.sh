@@ -17,10 +17,6 @@ T0=$(date +%s)
 say() { echo "[$(($(date +%s) - T0))s] $*" | tee -a $WORK/logs/session.log; }
 
 source benchmarks/gpu_env.sh
-if [ -d .gpufonts ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
-  mkdir -p /usr/share/fonts/truetype/dejavu && cp .gpufonts/*.ttf /usr/share/fonts/truetype/dejavu/
-fi
-export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 OVERLAYS=${OVERLAYS:-none encoders/hybrid.yaml}
 SEEDS=${SEEDS:-0 1 2}
 if [ "${SMOKE:-0}" = 1 ]; then

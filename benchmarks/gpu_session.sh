@@ -25,10 +25,6 @@ elapsed() { echo $(($(date +%s) - T0)); }
 say() { echo "[$(elapsed)s] $*" | tee -a $LOGS/session.log; }
 
 source benchmarks/gpu_env.sh
-if [ -d .gpufonts ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
-  mkdir -p /usr/share/fonts/truetype/dejavu && cp .gpufonts/*.ttf /usr/share/fonts/truetype/dejavu/
-fi
-export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PY=python3
 # SMOKE=1: the same script on a CPU with tiny settings, to check it before spending GPU time
 if [ "${SMOKE:-0}" = 1 ]; then
