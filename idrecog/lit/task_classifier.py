@@ -296,7 +296,6 @@ class TaskClassifierModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
 
-    # ------------------------------------------------------------------ optimiser
     # ------------------------------------------------------------------ summary
     def format_metrics(self, metrics: Mapping[str, float]) -> str:
         """The CLI's end-of-run table: per stage the exact-match figures, then per task "does it apply" F1 and
@@ -323,6 +322,7 @@ class TaskClassifierModule(L.LightningModule):
             lines.append("")
         return "\n".join(lines).rstrip() + "\n" if lines else "(no metrics)\n"
 
+    # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         vit = self.backbone.vit if self.uses_encoder else None

@@ -27,6 +27,7 @@ TASK_RESOLVER_HELP = (
     "task classifier for images without a doc type: {task_classifier_ckpt: PATH, threshold: 0.5 or "
     "{task: p}, device: as --device} (docs/task-resolution.md); default: the model's own doc-type head"
 )
+# what resolve_images uses (mode, cache and loader settings are for datasets)
 RESOLVER_KEYS = ("task_classifier_ckpt", "threshold", "device")
 
 
@@ -41,11 +42,10 @@ def _check_task_resolver(spec: dict[str, Any] | None) -> dict[str, Any] | None:
             f"--task_resolver must be a mapping {{task_classifier_ckpt: PATH, ...}}, got {spec!r}"
         )
     kwargs = dict(spec)
-    valid = RESOLVER_KEYS  # what resolve_images uses (mode, cache and loader settings are for datasets)
-    unknown = sorted(set(kwargs) - set(valid))
+    unknown = sorted(set(kwargs) - set(RESOLVER_KEYS))
     if unknown:
         raise ConfigError(
-            f"--task_resolver: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
+            f"--task_resolver: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(RESOLVER_KEYS)}"
         )
     ClassifierResolver.check_args(field="--task_resolver", **kwargs)
     return kwargs
