@@ -257,20 +257,27 @@ def test_bad_input(trained, tmp_path: Path) -> None:
         ClassifierResolver(CAT, bogus, cache_dir=tmp_path)
 
 
-def test_fit_command_prints_the_classifiers_own_table(trained, tmp_path: Path, capsys) -> None:
-    """`idrecog fit` of the task classifier ends with its exact-match figures, per-task F1 and per-doc-type
-    task-set accuracy, not the unified model's per-task-type table."""
-    data, _, _ = trained
+def _classifier_config(tmp_path: Path, data: Path, trainer: dict, data_args: dict) -> Path:
+    """A LightningCLI config of the tiny classifier on ``data``; its outputs (config.yaml too, which LightningCLI
+    saves to the working directory when there is no logger) go under ``tmp_path``."""
     config = {
-        "trainer": {"accelerator": "cpu", "fast_dev_run": True, "default_root_dir": str(tmp_path / "run")},
+        "trainer": {"accelerator": "cpu", "default_root_dir": str(tmp_path / "run"), **trainer},
         "model": {
             "class_path": "idrecog.lit.task_classifier.TaskClassifierModule",
             "init_args": {"backbone": "test_resnet", "input_size": [32, 48]},
         },
-        "data": {"root": str(data), "img_size": list(TINY_SIZE), "batch_size": 6, "augment": False},
+        "data": {"root": str(data), "img_size": list(TINY_SIZE), **data_args},
     }
-    path = tmp_path / "fit.yaml"
+    path = tmp_path / "classifier.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_command_prints_the_classifiers_own_table(trained, tmp_path: Path, capsys) -> None:
+    """`idrecog fit` of the task classifier ends with its exact-match figures, per-task F1 and per-doc-type
+    task-set accuracy, not the unified model's per-task-type table."""
+    data, _, _ = trained
+    path = _classifier_config(tmp_path, data, {"fast_dev_run": True}, {"batch_size": 6, "augment": False})
     assert idrecog_main(["fit", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     val = out[out.index("[val] ") :]
@@ -285,25 +292,9 @@ def test_predict_command_writes_task_sets(trained, tmp_path: Path) -> None:
     probability reaches the checkpoint's threshold (0.5)."""
     data, ckpt, _ = trained
     out = tmp_path / "pred"
-    config = {
-        "trainer": {
-            "accelerator": "cpu",
-            "logger": False,
-            "default_root_dir": str(
-                tmp_path / "run"
-            ),  # where LightningCLI saves config.yaml without a logger
-            "callbacks": [
-                {"class_path": "idrecog.callbacks.JsonlWriter", "init_args": {"output_dir": str(out)}}
-            ],
-        },
-        "model": {
-            "class_path": "idrecog.lit.task_classifier.TaskClassifierModule",
-            "init_args": {"backbone": "test_resnet", "input_size": [32, 48]},
-        },
-        "data": {"root": str(data), "img_size": list(TINY_SIZE), "batch_size": 1, "predict_split": "val"},
-    }
-    path = tmp_path / "predict.yaml"
-    path.write_text(yaml.safe_dump(config))
+    writer = {"class_path": "idrecog.callbacks.JsonlWriter", "init_args": {"output_dir": str(out)}}
+    trainer = {"logger": False, "callbacks": [writer]}
+    path = _classifier_config(tmp_path, data, trainer, {"batch_size": 1, "predict_split": "val"})
     assert idrecog_main(["predict", "--config", str(path), "--ckpt_path", str(ckpt)]) == 0
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     samples = read_manifest(data / "val.jsonl", CAT)
