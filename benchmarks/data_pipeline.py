@@ -50,7 +50,7 @@ def config_data() -> dict:
 
 def datamodule(root: Path, args: argparse.Namespace, **loader: object) -> IdDataModule:
     dm = IdDataModule(root=str(root), img_size=tuple(args.img_size), batch_size=args.batch, **loader)
-    dm.set_frames_consumed(False)  # learned queries read no frames
+    dm.configure(load_frames=False)  # learned queries read no frames
     return dm
 
 

@@ -18,11 +18,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from idrecog.data.catalogue import default_catalogue
+from benchmarks.common import make_random_batch
 from idrecog.lit.optim import make_adamw
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.mae import MaskedAutoencoder
-from idrecog.testing import make_random_batch
+from idrecog.tasks.catalogue import default_catalogue
 
 # dense bf16 tensor-core peaks (no sparsity), TFLOP/s
 PEAKS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}

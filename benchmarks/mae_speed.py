@@ -29,8 +29,34 @@ from torch.utils.flop_counter import FlopCounterMode
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.mae import MaskedAutoencoder, default_decoder_size
 
+
+class AllPatchesMAE(MaskedAutoencoder):
+    """The SimMIM-style baseline: the encoder sees every patch, a learned mask token substituted for the patch
+    embedding at removed positions (before the position embeddings); the same decoder predicts the pixels."""
+
+    def __init__(self, encoder: ViTEncoder, **kwargs: object) -> None:
+        super().__init__(encoder, **kwargs)  # type: ignore[arg-type]
+        self.enc_mask_token = torch.nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
+        torch.nn.init.normal_(self.enc_mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"enc_mask_token"}
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imgs: [N, 3, H, W] -> latent [N, P + L, D] (every patch), mask [N, L], ids_restore [N, L]."""
+        n = imgs.shape[0]
+        _, mask, ids_restore = self.random_ids(n, self.num_patches, mask_ratio, imgs.device, generator)
+        x = self.encoder.vit.patch_embed(imgs)  # [N, L, D]
+        m = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1.0 - m) + self.enc_mask_token.to(x.dtype) * m
+        x = torch.cat([self.encoder.prefix_tokens(n), x + self.encoder.patch_pos_embed()], dim=1)
+        return self.encoder.forward_tokens(x), mask, ids_restore
+
+
 MODELS = {
-    # the default encoder (lightning_configs/pretrain_mae.yaml and unified.yaml)
+    # the default encoder (idrecog/configs/pretrain_mae.yaml and unified.yaml)
     "tiny": {"name": "vit_tiny_patch16_224", "depth": 4},
     "small": {"name": "vit_small_patch16_224", "depth": None},
     "base": {"name": "vit_base_patch16_224", "depth": None},
@@ -56,9 +82,8 @@ def build(
     torch.manual_seed(0)
     spec = MODELS[case.model]
     enc = ViTEncoder(spec["name"], img_size=img_size, depth=spec["depth"])
-    mae = MaskedAutoencoder(enc, mask_ratio=0.75, decoder_depth=case.decoder_depth, encoder_mode=mode).to(
-        device
-    )  # type: ignore[arg-type]
+    cls = MaskedAutoencoder if mode == "visible" else AllPatchesMAE
+    mae = cls(enc, mask_ratio=0.75, decoder_depth=case.decoder_depth).to(device)
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-4, fused=device.type == "cuda")
     return mae, opt
 
@@ -118,7 +143,7 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device) -> dict[
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch_size", type=int, default=32, help="lightning_configs/pretrain_mae.yaml: 32")
+    ap.add_argument("--batch_size", type=int, default=32, help="idrecog/configs/pretrain_mae.yaml: 32")
     ap.add_argument("--img_size", type=int, nargs=2, default=(160, 256), metavar=("H", "W"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)

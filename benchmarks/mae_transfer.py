@@ -5,7 +5,7 @@
 
 1. **Pretrain.** MAE-pretrains the encoder of the default unified config (the ``model.init_args.encoder`` block of
    ``lightning_configs/unified.yaml``: ViT-Tiny, depth 4, 160 x 256) with ``MAEPretrainModule`` and the settings
-   of ``lightning_configs/pretrain_mae.yaml`` (mask 0.75, 128 x 2 decoder, norm_pix_loss, AdamW (0.9, 0.95),
+   of ``idrecog/configs/pretrain_mae.yaml`` (mask 0.75, 128 x 2 decoder, norm_pix_loss, AdamW (0.9, 0.95),
    lr = 1.5e-4 x batch / 256, warm-up + cosine), built by the same LightningCLI from a config derived from that
    file (written to ``OUT/configs/pretrain.yaml``), on the images of the dataset's train split (labels ignored),
    for ``--pretrain-seconds`` of ``Trainer(max_time=...)``. The cosine schedule is sized to the time: after a few
@@ -19,7 +19,7 @@
    with DataLoader workers, exactly as ``idrecog pretrain --data.source=manifest`` would.
 
 2. **Fine-tune.** The unified model with the settings of ``lightning_configs/unified.yaml`` (config derived from
-   it: ``OUT/configs/<run>.yaml``, run by ``idrecog fit``'s own LightningCLI, ``idrecog.lit.cli.build_cli``) on a
+   it: ``OUT/configs/<run>.yaml``, run by ``idrecog fit``'s own LightningCLI, ``idrecog.cli.train.build_cli``) on a
    fixed labelled subset of the train split (``--label-fraction`` of it, chosen by ``data.limit_train_samples``
    with ``data.seed = --subset-seed``: the same samples, in the same order, for every run), once from the MAE
    weights (``model.encoder.init_args.init_from=<pretrain checkpoint>``, the hand-off; checked weight for weight)
@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default GPU 2, CPU 1)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole script (GPU 300)")
     p.add_argument("--unified-config", default=str(REPO / "lightning_configs/unified.yaml"))
-    p.add_argument("--pretrain-config", default=str(REPO / "lightning_configs/pretrain_mae.yaml"))
+    p.add_argument("--pretrain-config", default=str(REPO / "idrecog/configs/pretrain_mae.yaml"))
     p.add_argument(
         "--set",
         action="append",
@@ -893,7 +893,7 @@ def run_finetune(
     n_labelled: int,
     ref_weight: Any = None,
 ) -> dict[str, Any]:
-    from idrecog.lit.cli import build_cli
+    from idrecog.cli.train import build_cli
 
     path = finetune_config(args, unified, name, out, seed, steps, init_from, max_time_s, n_labelled)
     t0 = time.monotonic()

@@ -29,11 +29,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from idrecog.data.catalogue import default_catalogue
+from benchmarks.common import make_random_batch, precollated_loader
 from idrecog.lit.unified import UnifiedModule
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.encoder import ViTEncoder
-from idrecog.testing import make_random_batch, precollated_loader
+from idrecog.tasks.catalogue import default_catalogue
 
 
 def build_module(img_size: tuple[int, int], depth: int, dec_dim: int, seed: int = 0) -> UnifiedModule:

@@ -208,8 +208,8 @@ def run_one(
 ) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 
-    from idrecog.lit.cli import build_cli
-    from idrecog.recognition.writer import JsonlPredictionWriter
+    from idrecog.callbacks.prediction_writer import JsonlPredictionWriter
+    from idrecog.cli.train import build_cli
 
     t0 = time.perf_counter()
     argv0, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI gets its arguments from the list, not ours
@@ -500,7 +500,7 @@ def device_name(accelerator: str) -> str:
 def merge(sources: list[str], out: Path) -> str:
     """One table from several runs of this script (e.g. seeds run one at a time). Every run must have had the
     same step count; baselines and the catalogue come from the first source's data folder."""
-    from idrecog.data.catalogue import load_catalogue
+    from idrecog.tasks.catalogue import load_catalogue
 
     results: list[dict[str, Any]] = []
     metas: list[dict[str, Any]] = []
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_dataset(
             data, train=args.train, val=args.val, test=0, height=h, width=w, workers=2, progress=False
         )
-    from idrecog.data.catalogue import load_catalogue
+    from idrecog.tasks.catalogue import load_catalogue
 
     catalogue = load_catalogue(data / "tasks.yaml")
     args.text_dir, text_desc = (None, "not used")
@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     done = [r for r in results if r.get("metrics")]
     if done and (deadline is None or left() > 6):
         try:
-            from idrecog.compare import find_runs, write_report
+            from idrecog.cli.compare import find_runs, write_report
 
             rmd, png = write_report(
                 find_runs([out / f"{r['design']}-s{r['seed']}" for r in done]), out / "report"

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from idrecog.data.catalogue import default_catalogue  # noqa: E402
 from idrecog.models.queries import module_key  # noqa: E402
 from idrecog.models.queries_text import TextQueries  # noqa: E402
+from idrecog.tasks.catalogue import default_catalogue  # noqa: E402
 
 
 def mean_cos(q: torch.Tensor) -> float:

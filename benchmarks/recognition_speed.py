@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from idrecog.data.catalogue import TaskCatalogue, default_catalogue
+from benchmarks.common import make_random_batch
 from idrecog.lit.unified import UnifiedModule
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.encoder import ViTEncoder
-from idrecog.testing import make_random_batch
+from idrecog.tasks.catalogue import TaskCatalogue, default_catalogue
 
 
 def build(catalogue: TaskCatalogue, img_size: tuple[int, int], encoder: str) -> UnifiedModule:

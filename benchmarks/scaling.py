@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from idrecog.data.catalogue import TaskCatalogue, default_catalogue
+from benchmarks.common import make_random_batch
 from idrecog.lit.optim import make_adamw
 from idrecog.lit.unified import UnifiedModule
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.encoder import ViTEncoder
-from idrecog.testing import make_random_batch
+from idrecog.tasks.catalogue import TaskCatalogue, default_catalogue
 
 
 def subset(n: int | None) -> TaskCatalogue:

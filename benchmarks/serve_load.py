@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from idrecog.recognition.serve import multipart_body
+from benchmarks.common import multipart_body
 
 
 def _free_port() -> int:

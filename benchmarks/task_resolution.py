@@ -409,8 +409,8 @@ def train_classifier(args: argparse.Namespace, dropped: Path, slot: float | None
     """Train on the samples of ``dropped`` that kept their doc type; ``slot`` seconds in all (None: epochs)."""
     from torch.utils.data import DataLoader
 
-    from idrecog.data.catalogue import load_catalogue
     from idrecog.data.manifest import read_manifest
+    from idrecog.tasks.catalogue import load_catalogue
 
     t_stage = time.monotonic()
     cat = load_catalogue(dropped / "tasks.yaml")
@@ -479,10 +479,10 @@ def evaluate_classifier(
 ) -> None:
     """Exact match of the classifier resolver's task sets against the true doc type's, on val and on the train
     samples without doc type, split by whether the image shows the document; and it fills run (a)'s cache."""
-    from idrecog.data.catalogue import load_catalogue
-    from idrecog.data.classifier_resolver import ClassifierResolver
     from idrecog.data.manifest import read_manifest
-    from idrecog.data.resolvers import DocTypeResolver
+    from idrecog.data.resolution import DocTypeResolver
+    from idrecog.data.resolution.classifier import ClassifierResolver
+    from idrecog.tasks.catalogue import load_catalogue
 
     cat = load_catalogue(dropped / "tasks.yaml")
     truth_of = DocTypeResolver(cat)
@@ -567,7 +567,7 @@ def evaluate_classifier(
 def build_unified(
     args: argparse.Namespace, name: str, root: Path, extra: list[str], trainer_over: dict[str, Any]
 ) -> Any:
-    from idrecog.lit.cli import build_cli
+    from idrecog.cli.train import build_cli
 
     run_dir = args.work / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)

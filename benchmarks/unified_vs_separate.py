@@ -27,12 +27,12 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from idrecog.data.catalogue import TaskCatalogue
 from idrecog.data.collate import Collator
 from idrecog.data.datamodule import IdDataModule
 from idrecog.lit.unified import UnifiedModule, score_of
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.encoder import ViTEncoder
+from idrecog.tasks.catalogue import TaskCatalogue
 
 
 def ensure_dataset(root: Path, train: int, val: int, size: tuple[int, int]) -> Path:

@@ -40,3 +40,7 @@ class DataFormatError(IdrecogError, ValueError):
             where = self.file + (f":{self.line}" if self.line is not None else "") + ": "
         what = f"field '{self.field}': " if self.field else ""
         return f"{where}{what}{self.message}"
+
+
+class NonFiniteLossError(IdrecogError):
+    """Training stopped: the loss was NaN or inf for too many consecutive steps."""

@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from idrecog.data.catalogue import default_catalogue
+from idrecog.tasks.catalogue import default_catalogue
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,9 +10,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from idrecog.data.catalogue import TaskCatalogue, default_catalogue, load_catalogue
 from idrecog.data.manifest import iter_manifest, parse_sample, read_manifest
 from idrecog.errors import DataFormatError
+from idrecog.tasks.catalogue import TaskCatalogue, default_catalogue, load_catalogue
 
 
 def _good_sample() -> dict:

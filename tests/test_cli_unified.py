@@ -41,7 +41,6 @@ TINY = [
 def test_every_config_is_covered() -> None:
     shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     shipped -= {p for p in shipped if p.startswith(("rules/", "sweeps/"))}  # not LightningCLI configs
-    shipped.discard("pretrain_mae.yaml")  # `idrecog pretrain`'s config, tested in test_mae_cli.py
     assert shipped == set(FULL) | set(FRAGMENTS), "add new configs to this test"
 
 
@@ -129,14 +128,14 @@ def test_short_training_learns(tiny_synth: Path, tmp_path: Path, capsys: pytest.
 
 
 def test_query_design_shorthands_expand() -> None:
-    from idrecog.lit.cli import QUERY_SHORTHANDS, expand_shorthands
+    from idrecog.cli.train import expand_shorthands, query_shorthands
 
     argv = ["fit", "--model.queries=text", "--model.queries", "multimodal", "--data.root", "learned"]
     assert expand_shorthands(argv) == [
         "fit",
-        f"--model.queries={QUERY_SHORTHANDS['text']}",
+        f"--model.queries={query_shorthands()['text']}",
         "--model.queries",
-        QUERY_SHORTHANDS["multimodal"],
+        query_shorthands()["multimodal"],
         "--data.root",
         "learned",  # only the value of --model.queries is a design name
     ]

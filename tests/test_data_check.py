@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from idrecog.cli.data import main
 from idrecog.data.check import check_dataset
-from idrecog.data.cli import main
 from idrecog.errors import DataFormatError
 
 

@@ -1,4 +1,5 @@
-"""IdDataModule: configuration errors, loaders per stage, user encoder, masked-frame report in a real Trainer."""
+"""IdDataModule: configuration errors, loaders per stage, user encoder, what the model configures, masked-frame
+report in a real Trainer."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from idrecog.data.catalogue import default_catalogue
-from idrecog.data.datamodule import IdDataModule, MaskedLabelReport
+from idrecog.callbacks.data_reports import MaskedLabelReport
+from idrecog.data.datamodule import IdDataModule
 from idrecog.errors import ConfigError
+from idrecog.models.user import UserFeatureEncoder
+from idrecog.tasks.catalogue import default_catalogue
 
 
 def _dm(root: Path, **kw) -> IdDataModule:
@@ -48,7 +51,8 @@ def test_loaders_per_stage(tiny_dataset: Path) -> None:
     assert set(batch["targets"]) == set(dm.catalogue.names)
     vb = next(iter(dm.val_dataloader()))
     assert vb["ids"] == ["val_000", "val_001", "val_002", "val_003"]  # no shuffle outside training
-    assert dm.user_encoder.n_attr == 2 and dm.datasets["val"].user_encoder is dm.user_encoder
+    fitted = UserFeatureEncoder.from_state(dm.user_features())
+    assert fitted.n_attr == 2 and dm.datasets["val"].user_encoder == fitted
     # the same seed picks the same subset
     dm2 = _dm(tiny_dataset, limit_train_samples=8, seed=3)
     dm2.setup("fit")
@@ -58,9 +62,15 @@ def test_loaders_per_stage(tiny_dataset: Path) -> None:
     assert ids == [f"test_{i:03d}" for i in range(6)]
     dm3 = _dm(tiny_dataset, predict_split="val")
     assert next(iter(dm3.predict_dataloader()))["ids"][0] == "val_000"
-    # a stored encoder state replaces the fitted one
-    dm3.user_encoder = dm.user_encoder.state_dict()
-    assert dm3.user_encoder == dm.user_encoder
+    # a configured encoder state (a checkpoint's) replaces the fitted one, before any dataset is built
+    with pytest.raises(RuntimeError, match="before the datasets"):
+        dm3.configure(user_features=dm.user_features())
+    stored = {**dm.user_features(), "attributes": {"declared_nationality": ["XA"]}}
+    dm4 = _dm(tiny_dataset)
+    dm4.configure(user_features=stored)
+    dm4.setup("validate")
+    assert dm4.user_features() == UserFeatureEncoder.from_state(stored).state_dict()
+    assert dm4.datasets["val"].user_encoder == UserFeatureEncoder.from_state(stored)
 
 
 class _Tiny(L.LightningModule):
@@ -79,26 +89,23 @@ class _Tiny(L.LightningModule):
 
 
 def test_frames_are_decoded_only_when_the_model_reads_them(tiny_dataset: Path) -> None:
-    from types import SimpleNamespace
-
     from idrecog.lit.unified import UnifiedModule
     from idrecog.models.multimodal import MultimodalQueries
     from tests.test_model_fakes import fake_catalogue, tiny_parts
 
-    dm = _dm(tiny_dataset)
-    dm.setup("fit")
-    assert dm.frames_loaded and all(ds.load_frames for ds in dm.datasets.values())  # until told otherwise
     module = UnifiedModule(catalogue=fake_catalogue().to_dict(), **tiny_parts())  # learned queries
-    module._trainer = SimpleNamespace(datamodule=dm)
-    module.setup("fit")
+    needs = module.data_requirements()
+    assert needs == {"load_frames": False, "user_features": None}
+    dm = _dm(tiny_dataset)
+    assert dm.frames_loaded  # until told otherwise
+    dm.configure(**needs)
+    dm.setup("fit")
     assert not dm.frames_loaded and not any(ds.load_frames for ds in dm.datasets.values())
     dm.setup("test")  # datasets set up later follow too
     assert not dm.datasets["test"].load_frames
     assert MultimodalQueries.consumes_frames
-    dm.set_frames_consumed(True)
-    assert all(ds.load_frames for ds in dm.datasets.values())
     forced = _dm(tiny_dataset, load_frames=True)  # an explicit setting wins over the model
-    forced.set_frames_consumed(False)
+    forced.configure(load_frames=False)
     forced.setup("fit")
     assert forced.frames_loaded and forced.datasets["train"].load_frames
 
@@ -107,6 +114,7 @@ def test_masked_frames_reported_at_epoch_end(tiny_dataset: Path) -> None:
     dm = _dm(tiny_dataset, augment=False)
     trainer = L.Trainer(
         max_epochs=1,
+        callbacks=[MaskedLabelReport(dm.catalogue)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

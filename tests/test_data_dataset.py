@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 
 from idrecog.data.collate import collate_samples
 from idrecog.data.dataset import IdDataset
-from idrecog.data.resolvers import DocTypeResolver
+from idrecog.data.resolution import DocTypeResolver
 from idrecog.data.transforms import build_transforms
 from idrecog.errors import DataFormatError
 from idrecog.tasks.segmentation import IGNORE_INDEX

@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 
-from idrecog.data.catalogue import TaskCatalogue, TaskSpec, default_catalogue
 from idrecog.data.manifest import Sample
-from idrecog.data.resolvers import (
+from idrecog.data.resolution import (
     DocTypeResolver,
     TaskResolver,
     create_task_resolver,
     list_task_resolvers,
     register_task_resolver,
 )
-from idrecog.data.user import UserFeatureEncoder
 from idrecog.errors import ConfigError
+from idrecog.models.user import UserFeatureEncoder
+from idrecog.tasks.catalogue import TaskCatalogue, TaskSpec, default_catalogue
 
 
 def _s(i: int, doc_type: str | None) -> Sample:

@@ -16,10 +16,10 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 from idrecog.callbacks import MAEReconstructionImages
+from idrecog.cli.pretrain import export_encoder, export_encoder_main
 from idrecog.data.pretrain import PretrainDataModule, read_manifest_images
 from idrecog.errors import ConfigError, DataFormatError
 from idrecog.lit.mae import MAEPretrainModule, scaled_lr, warmup_cosine
-from idrecog.lit.mae_cli import export_encoder, export_encoder_main
 from idrecog.models.encoder import ViTEncoder
 
 IMG = (32, 48)

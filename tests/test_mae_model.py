@@ -7,7 +7,7 @@ import torch
 
 from idrecog.errors import ConfigError
 from idrecog.models.encoder import ViTEncoder
-from idrecog.models.mae import MaskedAutoencoder, default_decoder_size, get_2d_sincos_pos_embed
+from idrecog.models.mae import MaskedAutoencoder, decoder_pos_embed, default_decoder_size
 
 IMG = (48, 80)  # (H, W): a 3 x 5 patch grid, H != W
 
@@ -144,25 +144,26 @@ def test_patchify_unpatchify_inverse_non_square(mae: MaskedAutoencoder) -> None:
         mae.unpatchify(x, grid_hw=(5, 3 + 1))
 
 
-def test_sincos_embedding_shape_and_orientation_for_non_square_grid() -> None:
+def test_decoder_position_embedding_for_a_non_square_grid() -> None:
     h, w, d = 3, 5, 32
-    emb = get_2d_sincos_pos_embed(d, (h, w), num_prefix_tokens=1)
+    emb = decoder_pos_embed(d, (h, w), num_prefix_tokens=1)
     assert emb.shape == (1 + h * w, d)
     assert torch.all(emb[0] == 0)
     grid = emb[1:].reshape(h, w, d)
-    # row-major: the first half encodes the column, the second half the row
-    assert torch.equal(grid[0, :, : d // 2], grid[2, :, : d // 2])
-    assert torch.equal(grid[:, 0, d // 2 :], grid[:, 4, d // 2 :])
     assert not torch.equal(grid[0, 1], grid[1, 0])  # not symmetric in h/w
-    transposed = get_2d_sincos_pos_embed(d, (w, h)).reshape(w, h, d)
+    transposed = decoder_pos_embed(d, (w, h)).reshape(w, h, d)
     assert not torch.allclose(transposed.transpose(0, 1), grid)
     assert len({tuple(v.tolist()) for v in emb[1:]}) == h * w  # every position distinct
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        decoder_pos_embed(30, (h, w))
 
 
-def test_all_patches_mode_runs_and_uses_the_mask_token() -> None:
+def test_the_benchmarks_all_patches_baseline_runs_and_uses_its_mask_token() -> None:
     torch.manual_seed(0)
     enc = ViTEncoder("vit_tiny_patch16_224", img_size=IMG, depth=1)
-    m = MaskedAutoencoder(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, encoder_mode="all")
+    from benchmarks.mae_speed import AllPatchesMAE
+
+    m = AllPatchesMAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     imgs = torch.randn(2, 3, *IMG)
     loss, pred, mask = m(imgs, mask_ratio=0.6, generator=torch.Generator().manual_seed(0))
     assert pred.shape == (2, m.num_patches, 768) and torch.all(mask.sum(1) == m.num_patches - 6)
@@ -185,8 +186,6 @@ def test_decoder_defaults_sized_to_encoder_and_bad_values_rejected() -> None:
     assert (m.decoder_dim, m.decoder_depth) == default_decoder_size(192)[:2]
     with pytest.raises(ConfigError):
         MaskedAutoencoder(enc, mask_ratio=1.0)
-    with pytest.raises(ConfigError):
-        MaskedAutoencoder(enc, encoder_mode="both")  # type: ignore[arg-type]
 
 
 def test_reconstruct_pastes_visible_patches(mae: MaskedAutoencoder) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision.ops import box_convert
 
-from idrecog.data.catalogue import TaskSpec
 from idrecog.tasks import HeadContext, create_task_type
+from idrecog.tasks.catalogue import TaskSpec
 from idrecog.tasks.matcher import HungarianMatcher
 
 torch.set_num_threads(1)

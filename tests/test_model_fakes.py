@@ -13,12 +13,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from idrecog.data.catalogue import TaskCatalogue, TaskSpec
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.interpreter import TaskGuidedInterpreter
 from idrecog.models.queries import LearnedQueries
 from idrecog.tasks.base import HeadContext, TaskType
+from idrecog.tasks.catalogue import TaskCatalogue, TaskSpec
 from idrecog.tasks.registry import register_task_type
 
 IMG = (64, 96)
@@ -48,6 +48,8 @@ class FakeLabel(TaskType):
     """Classification-like; ``num_queries`` option (default 2) to exercise multi-token tasks."""
 
     type_name = "fake_label"
+    label_format = "a class name"
+    target_format = "LongTensor [B], -1 where absent"
     primary_metric = "accuracy"
 
     @property
@@ -55,12 +57,13 @@ class FakeLabel(TaskType):
         return int(self.options.get("num_queries", 2))
 
     def check_label(self, value: Any) -> None:
-        pass
+        if value not in (self.spec.classes or ()):
+            raise ValueError(f"{value!r} is not a class")
 
     def load_target(self, value: Any, root: Path, image_size: tuple[int, int]) -> int:
         return self.spec.class_index(value)
 
-    def collate(self, targets: list[Any | None]) -> Tensor:
+    def collate(self, targets: list[Any | None], image_size: tuple[int, int]) -> Tensor:
         return torch.tensor([-1 if t is None else t for t in targets])
 
     def build_head(self, dim: int) -> nn.Module:
@@ -85,22 +88,33 @@ class FakeLabel(TaskType):
     def postprocess(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         return [{"class": (self.spec.classes or ())[int(i)]} for i in outputs["logits"].argmax(-1)]
 
+    @classmethod
+    def example_spec(cls) -> TaskSpec:
+        return TaskSpec("example_fake_label", cls.type_name, classes=("x", "y", "z"), query_text="which class")
+
+    @classmethod
+    def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> str:
+        return (spec.classes or ())[seed % spec.num_classes]
+
 
 @register_task_type
 class FakeValue(TaskType):
     """Regression-like: value in [0, 1] normalised units; MAE reported in the catalogue range's units."""
 
     type_name = "fake_value"
+    label_format = "a number in [0, 1]"
+    target_format = "FloatTensor [B], NaN where absent"
     primary_metric = "mae"
     higher_is_better = False
 
     def check_label(self, value: Any) -> None:
-        pass
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
 
     def load_target(self, value: Any, root: Path, image_size: tuple[int, int]) -> float:
         return float(value)
 
-    def collate(self, targets: list[Any | None]) -> Tensor:
+    def collate(self, targets: list[Any | None], image_size: tuple[int, int]) -> Tensor:
         return torch.tensor([float("nan") if t is None else t for t in targets])
 
     def build_head(self, dim: int) -> nn.Module:
@@ -125,6 +139,14 @@ class FakeValue(TaskType):
 
     def postprocess(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         return [{"value": float(v)} for v in outputs["value"]]
+
+    @classmethod
+    def example_spec(cls) -> TaskSpec:
+        return TaskSpec("example_fake_value", cls.type_name, range=(0.0, 10.0), query_text="how much")
+
+    @classmethod
+    def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> float:
+        return (seed * 0.37 + 0.1) % 1.0  # normalised units
 
 
 def fake_catalogue() -> TaskCatalogue:

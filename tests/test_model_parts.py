@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idrecog.data.catalogue import default_catalogue
 from idrecog.errors import ConfigError
 from idrecog.models.decoder import TaskDecoder, block_diagonal_mask
 from idrecog.models.pixel_decoder import PixelDecoder
 from idrecog.models.queries import LearnedQueries, create_query_provider, list_query_providers
 from idrecog.models.unified import UnifiedModel
+from idrecog.tasks.catalogue import default_catalogue
 from tests.test_model_fakes import DIM, IMG, fake_batch, fake_catalogue, tiny_parts
 
 torch.manual_seed(0)
@@ -83,7 +83,8 @@ def test_forward_shapes_and_known_routing_fake_catalogue() -> None:
 
 
 def test_forward_shapes_every_task_of_the_default_catalogue() -> None:
-    testing = pytest.importorskip("idrecog.testing")
+    from benchmarks import common as testing
+
     cat = default_catalogue()
     torch.manual_seed(0)
     model = UnifiedModel(cat, **tiny_parts(), task_options={"detection": {"num_queries": 5}}).eval()

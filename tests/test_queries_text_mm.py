@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from idrecog.data.catalogue import default_catalogue
-from idrecog.data.user import UserFeatureEncoder
 from idrecog.errors import ConfigError
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.multimodal import FRAME, KINDS, USER, MultimodalQueries
 from idrecog.models.queries import LearnedQueries, module_key
 from idrecog.models.queries_text import TextQueries
+from idrecog.models.user import UserFeatureEncoder
+from idrecog.tasks.catalogue import default_catalogue
 
 WORDS = (
     "which type of identity document is shown in the image has been tampered with by swapping portrait or "

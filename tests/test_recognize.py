@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from idrecog.callbacks.prediction_writer import JsonlPredictionWriter
 from idrecog.cli import main as idrecog_main
-from idrecog.data.catalogue import load_catalogue
 from idrecog.data.datamodule import IdDataModule
 from idrecog.data.manifest import read_manifest
 from idrecog.lit.unified import UnifiedModule
@@ -21,7 +21,7 @@ from idrecog.models.encoder import ViTEncoder
 from idrecog.models.interpreter import TaskGuidedInterpreter
 from idrecog.recognition.recognizer import RecognitionRequest, Recognizer
 from idrecog.recognition.rules import default_rules_path
-from idrecog.recognition.writer import JsonlPredictionWriter
+from idrecog.tasks.catalogue import load_catalogue
 from tests.conftest import TINY_SIZE, make_tiny_dataset
 
 

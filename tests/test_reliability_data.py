@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from idrecog.data.collate import SkippingCollator
 from idrecog.data.datamodule import IdDataModule
 from idrecog.data.dataset import IdDataset
+from idrecog.data.preflight import preflight_scan
 from idrecog.errors import DataFormatError
-from idrecog.reliability.collate import SkippingCollator
-from idrecog.reliability.preflight import preflight_scan
 
 N_TRAIN = 6
 

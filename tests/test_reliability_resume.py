@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from idrecog.cli import main as idrecog_main
-from idrecog.reliability.callbacks import atomic_torch_save
+from idrecog.utils.checkpoint import atomic_torch_save
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_last_checkpoint_is_the_final_step_after_a_finished_fit(tmp_path: Path) 
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from idrecog.reliability.callbacks import PreemptionCheckpoint
+    from idrecog.callbacks.reliability import PreemptionCheckpoint
 
     class Worsening(BoringModel):
         def validation_step(self, batch: Any, batch_idx: int) -> Any:

@@ -15,12 +15,11 @@ import yaml
 
 from idrecog.cli import main as idrecog_main
 from idrecog.data.datamodule import IdDataModule
-from idrecog.errors import ConfigError
+from idrecog.errors import ConfigError, NonFiniteLossError
 from idrecog.lit.unified import UnifiedModule, load_unified
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.encoder import ViTEncoder
-from idrecog.reliability.callbacks import AtomicCheckpointIO, NonFiniteLossError
-from idrecog.utils.checkpoint import load_checkpoint
+from idrecog.utils.checkpoint import AtomicCheckpointIO, load_checkpoint
 from tests.test_reliability_resume import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from idrecog.data.catalogue import default_catalogue
 from idrecog.errors import IdrecogError
 from idrecog.recognition.rules import RuleError, default_rules_path, load_rules, parse_rules, rule_fields
+from idrecog.tasks.catalogue import default_catalogue
 
 CAT = default_catalogue()
 

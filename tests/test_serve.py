@@ -15,9 +15,10 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from benchmarks.common import multipart_body
 from idrecog.recognition.recognizer import Recognizer
 from idrecog.recognition.rules import default_rules_path
-from idrecog.recognition.serve import ServeLimits, create_app, multipart_body
+from idrecog.recognition.serve import ServeLimits, create_app
 from tests.test_recognize import make_tiny_module
 
 LIMITS = ServeLimits(

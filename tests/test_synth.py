@@ -11,11 +11,11 @@ import yaml
 from PIL import Image
 
 from idrecog.cli import main as idrecog_main
-from idrecog.data.catalogue import default_catalogue
 from idrecog.data.manifest import SPLITS, read_manifest
 from idrecog.errors import ConfigError
 from idrecog.synth import mrz
 from idrecog.synth.generate import doc_type_of, generate_dataset, render_sample
+from idrecog.tasks.catalogue import default_catalogue
 
 SMALL = dict(train=12, val=4, test=4, seed=3, progress=False)
 

@@ -13,15 +13,15 @@ import torch
 import yaml
 
 from idrecog.cli import main as idrecog_main
-from idrecog.data.catalogue import TaskCatalogue, TaskSpec, default_catalogue, load_catalogue
-from idrecog.data.classifier_resolver import ClassifierResolver
 from idrecog.data.datamodule import IdDataModule
 from idrecog.data.dataset import IdDataset
 from idrecog.data.manifest import Sample, read_manifest
-from idrecog.data.resolvers import DocTypeResolver, create_task_resolver, list_task_resolvers
+from idrecog.data.resolution import DocTypeResolver, create_task_resolver, list_task_resolvers
+from idrecog.data.resolution.classifier import ClassifierResolver
 from idrecog.errors import ConfigError
 from idrecog.lit.task_classifier import TaskClassifierModule, load_task_classifier, task_targets
 from idrecog.models.encoder import ViTEncoder
+from idrecog.tasks.catalogue import TaskCatalogue, TaskSpec, default_catalogue, load_catalogue
 from tests.conftest import TINY_SIZE, make_tiny_dataset
 
 CAT = default_catalogue()
@@ -197,7 +197,7 @@ def test_cache_hit_and_invalidation(trained, tmp_path: Path, monkeypatch: pytest
     assert r.last_stats["cache_hit"] is True and len(calls) == 1
     # the checkpoint changes -> miss
     obj = torch.load(ck, weights_only=True)
-    obj["state_dict"]["head.1.bias"] += 0.5
+    obj["state_dict"]["net.head.1.bias"] += 0.5
     torch.save(obj, ck)
     r = _resolver(ck, tmp_path)
     r.resolve(changed, "train")
@@ -211,7 +211,7 @@ def test_thresholds_per_task(trained, tmp_path: Path, monkeypatch: pytest.Monkey
     probs[1, CAT.index("nationality_match")] = 0.2
     monkeypatch.setattr(r._model, "predict_proba", lambda x: probs[: x.shape[0]])
     everything_but = [t for t in CAT.names if t != "hologram"]
-    out = r.resolve_images(torch.zeros(2, 3, *TINY_SIZE))
+    out = r.classify_images(torch.zeros(2, 3, *TINY_SIZE))
     assert out[0] == everything_but  # 0.6 < 0.7 for hologram; the others use 0.5
     assert out[1] == [t for t in everything_but if t != "nationality_match"]  # 0.2 < 0.3
     assert _resolver(ckpt, tmp_path, threshold=0.65).apply_thresholds(probs) == [[], []]
@@ -363,10 +363,11 @@ def test_samples_from_memory_are_hashed(trained, tmp_path: Path) -> None:
 def test_recognizer_resolves_images_without_doc_type(trained, tmp_path: Path) -> None:
     from PIL import Image
 
+    from idrecog.data.resolution import TASK_CLASSIFIER
     from idrecog.lit.unified import UnifiedModule
     from idrecog.models.decoder import TaskDecoder
     from idrecog.models.interpreter import TaskGuidedInterpreter
-    from idrecog.recognition.recognizer import TASK_CLASSIFIER, RecognitionRequest, Recognizer
+    from idrecog.recognition.recognizer import RecognitionRequest, Recognizer
 
     data, ckpt, _ = trained
     torch.manual_seed(0)
@@ -379,7 +380,7 @@ def test_recognizer_resolves_images_without_doc_type(trained, tmp_path: Path) ->
         CAT, ckpt, threshold={"hologram": 0.5, "nationality_match": 0.5}, cache_dir=tmp_path
     )
     rec = Recognizer(module, task_resolver=resolver)
-    assert rec.info()["task_resolver"] == str(ckpt)  # what `idrecog serve`'s GET /health reports
+    assert str(ckpt) in rec.info()["task_resolver"]  # what `idrecog serve`'s GET /health reports
     s = read_manifest(data / "val.jsonl", CAT)[0]
     image = Image.open(data / s.image).convert("RGB")
     reqs = [
@@ -390,7 +391,7 @@ def test_recognizer_resolves_images_without_doc_type(trained, tmp_path: Path) ->
     assert given["tasks"]["how"] != TASK_CLASSIFIER and given["tasks"]["resolved"] == CAT.tasks_for(
         s.doc_type
     )
-    expected = resolver.resolve_images(rec.make_batch(reqs[1:])["image"])[0]
+    expected = resolver.classify_images(rec.make_batch(reqs[1:])["image"])[0]
     assert none["tasks"] == {"resolved": expected, "how": TASK_CLASSIFIER}
     assert set(none["outputs"]) <= set(expected)
 
@@ -400,7 +401,8 @@ def test_recognize_command_uses_the_task_classifier(trained, tmp_path: Path, cap
     a missing checkpoint or an unknown argument fails before any model is loaded, naming the flag."""
     from PIL import Image
 
-    from idrecog.recognition.recognizer import TASK_CLASSIFIER, RecognitionRequest, Recognizer
+    from idrecog.data.resolution import TASK_CLASSIFIER
+    from idrecog.recognition.recognizer import RecognitionRequest, Recognizer
     from tests.test_recognize import make_tiny_module, save_checkpoint
 
     data, ckpt, _ = trained
@@ -413,7 +415,10 @@ def test_recognize_command_uses_the_task_classifier(trained, tmp_path: Path, cap
     resolver = ClassifierResolver(CAT, ckpt, threshold={"hologram": 0.99}, device="cpu", cache_dir=tmp_path)
     rec = Recognizer.from_checkpoint(unified)
     batch = rec.make_batch([RecognitionRequest(image=Image.open(image).convert("RGB"), id="x")])
-    assert record["tasks"] == {"resolved": resolver.resolve_images(batch["image"])[0], "how": TASK_CLASSIFIER}
+    assert record["tasks"] == {
+        "resolved": resolver.classify_images(batch["image"])[0],
+        "how": TASK_CLASSIFIER,
+    }
     assert "hologram" not in record["tasks"]["resolved"]  # its threshold was raised out of reach
 
     missing = ["--task_resolver", json.dumps({"task_classifier_ckpt": str(tmp_path / "nope.ckpt")})]

@@ -16,8 +16,16 @@ import torch
 from torch import Tensor
 
 import tests.plugins.ordinal_task  # noqa: F401  (registers "ordinal", so it gets the same checks)
-from idrecog.data.catalogue import TaskCatalogue
-from idrecog.tasks import HeadContext, TaskType, create_task_type, get_task_type_class, list_task_types
+from idrecog.tasks import (
+    CLASS,
+    NUMBER,
+    HeadContext,
+    TaskType,
+    create_task_type,
+    get_task_type_class,
+    list_task_types,
+)
+from idrecog.tasks.catalogue import TaskCatalogue
 
 torch.set_num_threads(1)
 
@@ -63,7 +71,7 @@ class Setup:
             self.task.check_label(value)
         loaded = iter(self.task.load_target(v, root, (H, W)) for v in self.labels)
         self.per_sample = [next(loaded) if i in LABELLED else None for i in range(B)]
-        self.targets = self.task.collate(self.per_sample)
+        self.targets = self.task.collate(self.per_sample, (H, W))
         self.present = torch.tensor([i in LABELLED for i in range(B)])
         torch.manual_seed(seed)
         self.head = self.task.build_head(DIM)
@@ -101,7 +109,7 @@ def test_check_label_rejects_garbage(setup: Setup) -> None:
 def test_target_format(setup: Setup) -> None:
     assert _batch_len(setup.targets) == B
     # a batch of one labelled sample holds the same target as row 0 of the mixed batch
-    alone = setup.task.collate([setup.per_sample[0]])
+    alone = setup.task.collate([setup.per_sample[0]], (H, W))
     row0 = _take(setup.targets, [0])
     if isinstance(alone, Tensor):
         torch.testing.assert_close(alone, row0)
@@ -179,6 +187,62 @@ def test_postprocess_is_json_serialisable(setup: Setup) -> None:
     for r in results:
         assert isinstance(r, dict) and r
         json.loads(json.dumps(r, default=_json_default))
+
+
+def test_rule_fields_read_the_postprocessed_outputs(setup: Setup) -> None:
+    """Every field a decision rule may test can be read from the type's own outputs, with the declared kind."""
+    spec = setup.task.spec
+    fields = type(setup.task).rule_fields(spec)
+    assert set(fields.values()) <= {NUMBER, CLASS}
+    with torch.no_grad():
+        results = setup.task.postprocess(setup.outputs())
+    for field, kind in fields.items():
+        for r in results:
+            try:
+                v = type(setup.task).rule_value(spec, r, field)
+            except KeyError:  # an output may lack a field (a class absent from it): rules then skip
+                continue
+            if kind == NUMBER:
+                assert isinstance(v, int | float) and not isinstance(v, bool), (field, v)
+            else:
+                assert v in (spec.classes or ()), (field, v)
+
+
+def test_label_statistics(setup: Setup, tmp_path: Path) -> None:
+    stats = setup.task.new_label_stats()
+    loaded = [setup.task.load_target(v, tmp_path, (H, W)) for v in setup.labels]
+    for value, target in zip(setup.labels, loaded, strict=True):
+        stats = setup.task.add_label_stats(stats, value, target)
+    text = setup.task.format_label_stats(stats, len(setup.labels))
+    assert isinstance(text, str) and text and "\n" not in text
+
+
+def test_drawing_targets_and_outputs(setup: Setup) -> None:
+    """Each type draws its labels and outputs (a mask, boxes or a caption line) for data show, overlays, W&B."""
+    from PIL import Image
+
+    from idrecog.tasks import Canvas
+
+    image = Image.new("RGB", (W, H), (128, 128, 128))
+    truth = Canvas(image, layer="target")
+    setup.task.draw_target(truth, setup.per_sample[LABELLED[0]])
+    pred = Canvas(image, layer="prediction")
+    with torch.no_grad():
+        setup.task.draw_output(pred, setup.task.postprocess(setup.outputs())[0])
+    for canvas in (truth, pred):
+        assert canvas.masks or canvas.boxes or canvas.lines
+        picture = canvas.render(width=2 * W)
+        assert picture.width == 2 * W and picture.height >= 2 * H
+
+
+def test_example_target_is_a_collated_batch_target(setup: Setup) -> None:
+    present = [i in LABELLED for i in range(B)]
+    target = setup.task.example_target(present, (H, W), seed=0)
+    assert _batch_len(target) == B
+    loss = setup.task.loss({k: v.detach() for k, v in setup.outputs().items()}, target, torch.tensor(present))
+    assert torch.isfinite(loss)
+    none = setup.task.example_target([False] * B, (H, W))
+    assert _batch_len(none) == B
 
 
 def test_zero_loss_follows_the_outputs_device() -> None:

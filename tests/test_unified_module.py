@@ -12,11 +12,11 @@ import pytest
 import torch
 from lightning.pytorch.cli import instantiate_module
 
+from benchmarks.common import precollated_loader
 from idrecog.errors import ConfigError
 from idrecog.lit.balancing import create_balancer, list_balancers
 from idrecog.lit.optim import WarmupCosine, resolve_warmup
 from idrecog.lit.unified import UnifiedModule, format_metrics_table, load_unified, score_of
-from idrecog.testing import precollated_loader
 from tests.test_model_fakes import IMG, fake_batch, fake_catalogue, tiny_parts
 
 
@@ -95,7 +95,7 @@ def test_dwa_upweights_the_task_whose_loss_falls_slowest() -> None:
 
 
 def test_balancing_errors_name_the_problem() -> None:
-    with pytest.raises(ConfigError, match="unknown balancing"):
+    with pytest.raises(ConfigError, match="unknown balancer"):
         create_balancer("magic", ["a"])
     with pytest.raises(ConfigError, match="unknown tasks"):
         create_balancer("fixed", ["a"], {"zz": 1.0})
@@ -263,8 +263,8 @@ def test_load_unified_refuses_a_different_catalogue(tmp_path: Path) -> None:
 
 
 def test_default_catalogue_builtins_partial_labels_step() -> None:
-    from idrecog.data.catalogue import default_catalogue
-    from idrecog.testing import make_random_batch
+    from benchmarks.common import make_random_batch
+    from idrecog.tasks.catalogue import default_catalogue
 
     cat = default_catalogue()
     torch.manual_seed(0)

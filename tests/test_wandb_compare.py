@@ -49,7 +49,7 @@ def sweep_command(params: dict) -> list[str]:
 
 
 def test_sweep_values_land_in_the_resolved_config(tiny_dataset: Path, tiny_bert: str, monkeypatch) -> None:
-    from idrecog.lit.cli import build_cli
+    from idrecog.cli.train import build_cli
 
     monkeypatch.chdir(tiny_dataset.parent)
     cmd = sweep_command({"model.queries": "text", "seed_everything": 1})
@@ -73,7 +73,7 @@ def test_sweep_values_land_in_the_resolved_config(tiny_dataset: Path, tiny_bert:
 def test_wandb_offline_logs_config_and_images(tiny_dataset: Path, tiny_bert: str, monkeypatch) -> None:
     import wandb
 
-    from idrecog.lit.cli import build_cli
+    from idrecog.cli.train import build_cli
 
     monkeypatch.chdir(tiny_dataset.parent)
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -2,7 +2,7 @@
 
 Each object of each batch's list becomes one line of ``output_dir/predictions.jsonl``. The task classifier's
 config uses it (one ``{"id", "doc_type", "probs", "tasks"}`` per image); the unified model's writer
-(:class:`idrecog.recognition.writer.JsonlPredictionWriter`) subclasses it to write recognition records, masks and
+(:class:`idrecog.callbacks.prediction_writer.JsonlPredictionWriter`) subclasses it to write recognition records, masks and
 overlays.
 """
 

@@ -1,10 +1,10 @@
-"""Sample predictions as ``wandb.Image`` each validation epoch: mask and box overlays, class decisions in the
-caption.
+"""Sample predictions as ``wandb.Image`` each validation epoch, drawn by the task types.
 
 The first validation batch of every epoch (after the sanity check) is run again through the model for at most
-``max_images`` samples; segmentation tasks become ``masks`` overlays (ground truth and prediction), detection
-tasks ``boxes`` (prediction, and ground truth as a second layer), and classification/regression decisions
-the caption (``task: predicted (truth)``). Without a ``WandbLogger`` the callback does nothing.
+``max_images`` samples. Each task type draws its prediction (``TaskType.draw_output``) and, where labelled, its
+ground truth (``draw_target``) on a :class:`~idrecog.tasks.drawing.Canvas`: masks and boxes become W&B's
+toggleable ``{task}/prediction`` and ``{task}/ground_truth`` layers, classes and values caption lines. Without a
+``WandbLogger`` the callback does nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 from torch import Tensor
 
 from idrecog.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from idrecog.tasks.drawing import Canvas
 
 __all__ = ["WandbPredictionImages", "slice_batch"]
 
@@ -85,7 +87,6 @@ class WandbPredictionImages(Callback):
 
     @rank_zero_only
     def log_predictions(self, trainer: Trainer, pl_module: LightningModule, batch: dict[str, Any]) -> None:
-        import wandb
 
         n = min(self.max_images, int(batch["image"].shape[0]))
         sub = slice_batch(batch, n)
@@ -96,63 +97,19 @@ class WandbPredictionImages(Callback):
         post = {t: task_types[t].postprocess(out[t]) for t in cat.names}
         applies = sub.get("applies")
         present = sub.get("present")
+        ids = sub.get("ids") or [str(j) for j in range(n)]
         images = []
         for j in range(n):
-            masks: dict[str, Any] = {}
-            boxes: dict[str, Any] = {}
-            caption = [str(sub.get("ids", [j] * n)[j])]
-            h, w = int(sub["image"].shape[-2]), int(sub["image"].shape[-1])
+            rgb = Image.fromarray(_to_uint8(sub["image"][j]))
+            pred, truth = Canvas(rgb, layer="prediction"), Canvas(rgb, layer="ground_truth")
             for i, spec in enumerate(cat):
                 if applies is not None and not bool(applies[j, i]):
                     continue
-                p = post[spec.name][j]
-                has_gt = present is not None and bool(present[j, i])
-                labels = {k: c for k, c in enumerate(spec.classes or ())}
-                if spec.type == "segmentation" and "mask" in p:
-                    masks[f"{spec.name}/prediction"] = {
-                        "mask_data": np.asarray(p["mask"]),
-                        "class_labels": labels,
-                    }
-                    if has_gt:
-                        gt = sub["targets"][spec.name][j].cpu().numpy().astype(np.int64)
-                        gt[gt == 255] = 0
-                        masks[f"{spec.name}/ground_truth"] = {"mask_data": gt, "class_labels": labels}
-                elif spec.type == "detection" and "boxes" in p:
-                    names = list(spec.classes or ())
-                    boxes[f"{spec.name}/prediction"] = {
-                        "box_data": [
-                            {
-                                "position": {
-                                    "minX": b["box"][0],
-                                    "minY": b["box"][1],
-                                    "maxX": b["box"][2],
-                                    "maxY": b["box"][3],
-                                },
-                                "domain": "pixel",
-                                "class_id": names.index(b["label"]),
-                                "box_caption": f"{b['label']} {b['score']:.2f}",
-                                "scores": {"score": float(b["score"])},
-                            }
-                            for b in p["boxes"]
-                        ],
-                        "class_labels": labels,
-                    }
-                elif "class" in p:
-                    truth = ""
-                    if has_gt:
-                        truth = f" ({(spec.classes or ())[int(sub['targets'][spec.name][j])]})"
-                    caption.append(f"{spec.name}: {p['class']}{truth}")
-                elif "value" in p:
-                    caption.append(f"{spec.name}: {float(p['value']):.2f}")
-            del h, w
-            images.append(
-                wandb.Image(
-                    _to_uint8(sub["image"][j]),
-                    masks=masks or None,
-                    boxes=boxes or None,
-                    caption="\n".join(caption),
-                )
-            )
+                tt = task_types[spec.name]
+                tt.draw_output(pred, post[spec.name][j])
+                if present is not None and bool(present[j, i]):
+                    tt.draw_target(truth, sub["targets"][spec.name][j])  # a collated row
+            images.append(pred.wandb_image(extra=truth, caption=[str(ids[j])]))
         for lg in self._wandb_loggers(trainer):
             lg.experiment.log({self.key: images, "trainer/global_step": trainer.global_step})
         self.logged = len(images)

@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from idrecog.data.catalogue import TaskCatalogue, load_catalogue
 from idrecog.data.dataset import frames_available
 from idrecog.data.manifest import SPLITS, Sample, iter_manifest
-from idrecog.data.resolvers import DocTypeResolver
+from idrecog.data.resolution import DocTypeResolver
 from idrecog.errors import DataFormatError
+from idrecog.tasks.catalogue import TaskCatalogue, load_catalogue
 from idrecog.tasks.registry import create_task_type
 
 
@@ -34,11 +32,8 @@ class TaskStats:
     labelled: int = 0
     ignored: int = 0  # labels given for samples the task does not apply to
     frames_missing: int = 0
-    classes: Counter[str] = field(default_factory=Counter)
-    values: list[float] = field(default_factory=list)
-    boxes: int = 0
-    pixels: np.ndarray | None = None
-    masks_sampled: int = 0
+    #: the task type's own label statistics (``TaskType.new_label_stats``)
+    labels: Any = None
 
 
 @dataclass
@@ -100,8 +95,8 @@ def check_dataset(
         raise DataFormatError("dataset folder not found", file=root)
     catalogue = load_catalogue(root / "tasks.yaml")
     res = CheckResult(root=root, catalogue=catalogue)
-    res.tasks = {t.name: TaskStats() for t in catalogue}
     types = {t.name: create_task_type(t) for t in catalogue}
+    res.tasks = {n: TaskStats(labels=tt.new_label_stats()) for n, tt in types.items()}
     resolver = DocTypeResolver(catalogue, missing="all")
     found = [s for s in splits if (root / f"{s}.jsonl").is_file()]
     for s in splits:
@@ -123,10 +118,11 @@ def check_dataset(
             else:
                 samples.append(item)
         res.samples[split] = len(samples)
+        # the statistics of costly targets (masks) are drawn from every k-th label only
         seg_every = {
             n: max(1, math.ceil(len(samples) / max(1, mask_samples)))
             for n, t in types.items()
-            if hasattr(t, "collate_with_size")
+            if t.sampled_label_stats
         }
         for sample, applying in zip(samples, resolver.resolve(samples, split), strict=True):
             _check_sample(res, sample, set(applying), types, seg_every, split)
@@ -191,22 +187,8 @@ def _check_sample(
         except (ValueError, OSError) as e:
             problem(f"labels.{name}", str(e))
             continue
-        _add_stats(st, tt, value, target, seg_every.get(name, 1))
-
-
-def _add_stats(st: TaskStats, tt: Any, value: Any, target: Any, seg_every: int) -> None:
-    kind = tt.spec.type
-    if kind == "classification":
-        st.classes[str(value)] += 1
-    elif kind == "regression":
-        st.values.append(float(value))
-    elif kind == "detection":
-        st.boxes += len(value)
-    elif isinstance(target, torch.Tensor) and hasattr(tt, "collate_with_size"):
-        if (st.labelled - 1) % seg_every == 0:
-            counts = np.bincount(target.as_subclass(torch.Tensor).flatten().numpy(), minlength=256)
-            st.pixels = counts if st.pixels is None else st.pixels + counts
-            st.masks_sampled += 1
+        if (st.labelled - 1) % seg_every.get(name, 1) == 0:
+            st.labels = tt.add_label_stats(st.labels, value, target)
 
 
 # ---------------------------------------------------------------------- report
@@ -215,28 +197,6 @@ def _table(rows: list[list[str]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _task_stats_text(st: TaskStats, tt: Any) -> str:
-    kind = tt.spec.type
-    if kind == "classification":
-        total = sum(st.classes.values()) or 1
-        return " ".join(f"{c}={st.classes.get(c, 0) / total:.0%}" for c in tt.spec.classes)
-    if kind == "regression":
-        if not st.values:
-            return "-"
-        v = np.asarray(st.values)
-        return f"range [{v.min():.3g}, {v.max():.3g}] mean {v.mean():.3g}"
-    if kind == "detection":
-        return f"{st.boxes / st.labelled:.2f} boxes/sample" if st.labelled else "-"
-    if st.pixels is not None:
-        total = st.pixels.sum() or 1
-        classes = list(tt.spec.classes or [])
-        parts = [f"{c}={st.pixels[i] / total:.1%}" for i, c in enumerate(classes)]
-        if st.pixels[255]:
-            parts.append(f"ignore={st.pixels[255] / total:.1%}")
-        return " ".join(parts) + f" ({st.masks_sampled} masks)"
-    return "-"
 
 
 def format_report(res: CheckResult) -> str:
@@ -275,7 +235,7 @@ def format_report(res: CheckResult) -> str:
                 t.type,
                 str(st.applies),
                 f"{st.labelled / st.applies:.0%}" if st.applies else "-",
-                _task_stats_text(st, tt),
+                tt.format_label_stats(st.labels, st.labelled),
             ]
         )
         if st.frames_missing:

@@ -14,13 +14,18 @@ A batch::
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from idrecog.data.catalogue import TaskCatalogue
+from idrecog.tasks.catalogue import TaskCatalogue
 from idrecog.tasks.registry import create_task_type
+
+#: what ``IdDataset`` returns instead of an item that failed to load under ``on_error="skip"``:
+#: ``{SKIPPED: reason, "id": ...}``
+SKIPPED = "skipped"
 
 
 def _plain(t: Tensor) -> Tensor:
@@ -41,10 +46,7 @@ class Collator:
         size = (int(image.shape[-2]), int(image.shape[-1]))
         targets: dict[str, Any] = {}
         for spec, tt in zip(self.catalogue.tasks, self.task_types, strict=True):
-            values = [it["targets"].get(spec.name) for it in items]
-            # types with dense targets need the image size when no sample of the batch has a label
-            with_size = getattr(tt, "collate_with_size", None)
-            targets[spec.name] = with_size(values, size) if with_size is not None else tt.collate(values)
+            targets[spec.name] = tt.collate([it["targets"].get(spec.name) for it in items], size)
         batch: dict[str, Any] = {
             "image": image,
             "applies": torch.stack([it["applies"] for it in items]),
@@ -60,6 +62,27 @@ class Collator:
             batch["assoc"] = _collate_frames(items, image)
         if any("user" in it for it in items):
             batch["user"] = _collate_user(items)
+        return batch
+
+
+class SkippingCollator:
+    """Drops the ``{SKIPPED: reason}`` placeholders ``IdDataset`` returns under ``on_error="skip"``, collates
+    the rest with :class:`Collator` and adds ``batch["skipped"]`` = {reason: count}.
+
+    A batch whose every sample was dropped becomes ``{"ids": [], "skipped": {...}}``; the model's steps
+    skip it (Lightning skips the optimiser step when ``training_step`` returns None).
+    """
+
+    def __init__(self, catalogue: TaskCatalogue) -> None:
+        self.collator = Collator(catalogue)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        kept = [it for it in items if SKIPPED not in it]
+        skipped = dict(Counter(it[SKIPPED] for it in items if SKIPPED in it))
+        if not kept:
+            return {"ids": [], "doc_type": [], "skipped": skipped}
+        batch = self.collator(kept)
+        batch["skipped"] = skipped
         return batch
 
 

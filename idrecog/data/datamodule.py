@@ -8,86 +8,20 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from idrecog.data.catalogue import TaskCatalogue, default_catalogue, load_catalogue
 from idrecog.data.collate import Collator
 from idrecog.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, ON_ERROR, IdDataset
-from idrecog.data.manifest import SPLITS, Sample, iter_manifest, read_manifest
-from idrecog.data.resolvers import TaskResolver, check_task_resolver_args, create_task_resolver
+from idrecog.data.manifest import SPLITS, Sample
+from idrecog.data.preflight import SplitReader
+from idrecog.data.resolution import TaskResolver, check_task_resolver_args, create_task_resolver
 from idrecog.data.transforms import build_transforms, check_img_size
-from idrecog.data.user import UserFeatureEncoder
-from idrecog.errors import ConfigError, DataFormatError
+from idrecog.errors import ConfigError
+from idrecog.models.user import UserFeatureEncoder
+from idrecog.tasks.catalogue import TaskCatalogue, default_catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
-
-
-class MaskedLabelReport(Callback):
-    """Counts, per epoch and stage, the labels masked because a multi-frame task's frames were missing, then
-    prints and logs them (``data/{stage}_frames_missing/{task}``) at epoch end.
-
-    Counting happens on the collated batches in the main process, so it is right with any ``num_workers``.
-    The DataModule adds this callback to the trainer in ``setup`` when the catalogue has multi-frame tasks.
-    """
-
-    def __init__(self, catalogue: TaskCatalogue) -> None:
-        self.names = catalogue.names
-        self.frame_tasks = [j for j, s in enumerate(catalogue) if s.uses_frames]
-        self.counts: dict[str, torch.Tensor] = {}
-        #: the last report per stage: {task: count}
-        self.last: dict[str, dict[str, int]] = {}
-
-    def _add(self, stage: str, batch: Any) -> None:
-        fm = batch.get("frames_missing") if isinstance(batch, dict) else None
-        if fm is None:
-            return
-        c = fm.sum(0).cpu()
-        self.counts[stage] = self.counts.get(stage, torch.zeros_like(c)) + c
-
-    def _report(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        c = self.counts.pop(stage, None)
-        if c is None or trainer.sanity_checking:
-            return
-        report = {self.names[j]: int(c[j]) for j in self.frame_tasks}
-        self.last[stage] = report
-        if any(report.values()):
-            text = ", ".join(f"{k}: {v}" for k, v in report.items() if v)
-            rank_zero_info(
-                f"[data] {stage} epoch {trainer.current_epoch}: labels masked for missing frames: {text}"
-            )
-        for k, v in report.items():
-            try:
-                pl_module.log(
-                    f"data/{stage}_frames_missing/{k}",
-                    float(v),
-                    on_step=False,
-                    on_epoch=True,
-                    reduce_fx="sum",
-                )
-            except Exception:  # logging is best effort: never fail an epoch over a counter
-                log.debug("could not log masked-label counts", exc_info=True)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-        self._add("train", batch)
-
-    def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ) -> None:  # type: ignore[override]
-        self._add("val", batch)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[override]
-        self._add("test", batch)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[override]
-        self._report("train", trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[override]
-        self._report("val", trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[override]
-        self._report("test", trainer, pl_module)
 
 
 class IdDataModule(L.LightningDataModule):
@@ -102,7 +36,7 @@ class IdDataModule(L.LightningDataModule):
         patch_size: the encoder's patch size (checked against ``img_size``).
         batch_size, num_workers, pin_memory, persistent_workers: DataLoader settings.
         augment: train-time geometric and photometric augmentation (no flips).
-        task_resolver: a registered task resolver (``idrecog.data.resolvers.list_task_resolvers()``).
+        task_resolver: a registered task resolver (``idrecog.data.resolution.list_task_resolvers()``).
         resolver_args: its keyword arguments, e.g. ``{missing: skip}`` for ``doc_type``.
         on_error: what a bad sample does (docs/reliability.md). ``raise``: a pre-flight scan of the splits in
             use stops before training on the first problem, naming file, line and field. ``skip``: samples with
@@ -119,9 +53,9 @@ class IdDataModule(L.LightningDataModule):
         seed: the seed of the train shuffle and of ``limit_train_samples``.
         cache_images: keep decoded images in memory (small datasets only; one copy per worker; with
             ``num_workers > 0`` set ``persistent_workers`` too, or each epoch's new workers start empty).
-        load_frames: decode the associated frames of multi-frame tasks. None (default): as the model needs;
-            ``UnifiedModule.setup`` calls :meth:`set_frames_consumed` with whether its query provider reads
-            frames (only ``multimodal`` does), and frames are loaded until something says otherwise.
+        load_frames: decode the associated frames of multi-frame tasks. None (default): as the model needs
+            (the training CLI passes whether its query provider reads frames to :meth:`configure`; only
+            ``multimodal`` does); frames are loaded when nothing says otherwise.
         predict_split: the split ``predict_dataloader`` reads.
     """
 
@@ -187,16 +121,14 @@ class IdDataModule(L.LightningDataModule):
             # PIL's own guard (every Image.open in this process) uses the same limit
             Image.MAX_IMAGE_PIXELS = max_image_pixels
         self.max_image_pixels = max_image_pixels
-        #: {split: {reason: samples}} dropped by the pre-flight scan under ``on_error: skip``
-        self.skipped: dict[str, dict[str, int]] = {}
-        self._preflight_done: dict[str, Any] = {}
+        self._reader: SplitReader | None = None
         self._sampler_state: dict[str, int] | None = None
         self.allow_external_paths = allow_external_paths
         self.limit_train_samples = limit_train_samples
         self.seed = seed
         self.cache_images = cache_images
         self.load_frames = load_frames
-        self._frames_consumed = True  # until the model says otherwise (see set_frames_consumed)
+        self._frames_consumed = True  # until the model says otherwise (see configure)
         self.predict_split = predict_split
         self._catalogue: TaskCatalogue | None = None
         self._user_encoder: UserFeatureEncoder | None = None
@@ -246,67 +178,9 @@ class IdDataModule(L.LightningDataModule):
     def resolver(self) -> TaskResolver:
         return create_task_resolver(self.task_resolver, self.catalogue, **self.resolver_args)
 
-    # ------------------------------------------------------------------ user encoder
-    def _run_preflight(self, split: str) -> None:
-        """Scan ``split`` once (cached on disk); ``raise``: stop on the first problem; ``skip``: count them."""
-        if not self.preflight or self.on_error not in ("raise", "skip") or split in self._preflight_done:
-            return
-        from idrecog.reliability.preflight import preflight_scan
-
-        res = preflight_scan(
-            self.root,
-            split,
-            self.catalogue,
-            allow_external_paths=self.allow_external_paths,
-            max_image_pixels=self.max_image_pixels,
-            cache_dir=self.preflight_cache_dir,
-        )
-        self._preflight_done[split] = res
-        if not res.problems:
-            return
-        if self.on_error == "raise":
-            first = res.problems[0]
-            more = f" ({len(res.problems)} problem(s) in {split}.jsonl; `idrecog data check {self.root}` lists them all"
-            raise DataFormatError(
-                f"{first.message}{more}; data.on_error: skip drops such samples)",
-                file=first.file,
-                line=first.line,
-                field=first.field,
-            )
-        self.skipped[split] = res.counts
-        rank_zero_info(
-            f"[data] {split}: pre-flight scan{' (cached)' if res.cached else ''}: skipping "
-            f"{len(res.bad_lines)} sample(s): "
-            + ", ".join(f"{k}: {v}" for k, v in sorted(res.counts.items()))
-        )
-
-    def _read_split(self, split: str) -> list[Sample]:
-        """The split's samples; under ``skip``, without malformed lines and lines the pre-flight scan flagged."""
-        path = self.root / f"{split}.jsonl"
-        if self.on_error != "skip":
-            return read_manifest(path, self.catalogue, allow_external_paths=self.allow_external_paths)
-        if not path.is_file():
-            raise DataFormatError("manifest not found", file=path)
-        scan = self._preflight_done.get(split)
-        bad = scan.bad_lines if scan is not None else {}
-        out = []
-        for item in iter_manifest(path, self.catalogue, allow_external_paths=self.allow_external_paths):
-            if isinstance(item, DataFormatError):
-                if scan is None:  # no pre-flight: count manifest-level problems here
-                    from idrecog.reliability.preflight import classify_problem
-
-                    counts = self.skipped.setdefault(split, {})
-                    reason = classify_problem(item)
-                    counts[reason] = counts.get(reason, 0) + 1
-                continue
-            if item.line not in bad:
-                out.append(item)
-        return out
-
     def _read_train(self) -> list[Sample]:
         if self._train_samples is None:
-            self._run_preflight("train")
-            samples = self._read_split("train")
+            samples = self.reader.read("train")
             if self.limit_train_samples is not None and self.limit_train_samples < len(samples):
                 g = torch.Generator().manual_seed(self.seed)
                 keep = sorted(torch.randperm(len(samples), generator=g)[: self.limit_train_samples].tolist())
@@ -315,55 +189,65 @@ class IdDataModule(L.LightningDataModule):
         return self._train_samples
 
     @property
-    def user_encoder(self) -> UserFeatureEncoder:
-        """Fitted on the train split's user info (set it from a checkpoint's stored state to reuse that one)."""
+    def reader(self) -> SplitReader:
+        """Reads the splits under the ``on_error`` policy (pre-flight scan, drops and their counts)."""
+        if self._reader is None:
+            self._reader = SplitReader(
+                self.root,
+                self.catalogue,
+                on_error=self.on_error,
+                preflight=self.preflight,
+                cache_dir=self.preflight_cache_dir,
+                allow_external_paths=self.allow_external_paths,
+                max_image_pixels=self.max_image_pixels,
+            )
+        return self._reader
+
+    @property
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """{split: {reason: samples}} dropped by the pre-flight scan under ``on_error: skip``."""
+        return self._reader.skipped if self._reader is not None else {}
+
+    # ------------------------------------------------------------------ what the model needs from the data
+    def configure(
+        self, *, load_frames: bool | None = None, user_features: dict[str, Any] | None = None
+    ) -> None:
+        """What the model decided about the data, set before any dataset is built (the training CLI calls it
+        with :meth:`UnifiedModule.data_requirements`). ``load_frames``: whether the model reads associated frames
+        (used when ``data.load_frames`` is null); ``user_features``: the model's user-feature encoder state (a
+        checkpoint's), so users are encoded as the model was trained."""
+        if self.datasets:
+            raise RuntimeError("IdDataModule.configure must be called before the datasets are set up")
+        if load_frames is not None:
+            self._frames_consumed = bool(load_frames)
+        if user_features is not None:
+            self._user_encoder = UserFeatureEncoder.from_state(user_features)
+
+    def user_features(self) -> dict[str, Any]:
+        """The user-feature encoder's state (JSON-able): the configured one, else fitted on the train split."""
         if self._user_encoder is None:
             if not self._has_data():
                 raise self._missing_root_error()
             self._user_encoder = UserFeatureEncoder.fit(s.user for s in self._read_train())
-        return self._user_encoder
-
-    @user_encoder.setter
-    def user_encoder(self, value: UserFeatureEncoder | dict[str, Any]) -> None:
-        self._user_encoder = (
-            value if isinstance(value, UserFeatureEncoder) else UserFeatureEncoder.from_state(value)
-        )
-
-    def set_user_features(self, state: UserFeatureEncoder | dict[str, Any]) -> None:
-        """Encode users with this (e.g. a checkpoint's) encoder state, also in the datasets already set up."""
-        self.user_encoder = state
-        for ds in self.datasets.values():
-            if ds.user_encoder is not None:
-                ds.user_encoder = self._user_encoder
+        return self._user_encoder.state_dict()
 
     @property
     def frames_loaded(self) -> bool:
-        """Whether the datasets decode associated frames (``load_frames``, or what the model asked for)."""
+        """Whether the datasets decode associated frames (``load_frames``, or what the model needs)."""
         return self.load_frames if self.load_frames is not None else self._frames_consumed
-
-    def set_frames_consumed(self, consumed: bool) -> None:
-        """The model says whether it reads associated frames; with ``load_frames: null`` the datasets (also
-        those already set up) then decode frames only when it does, so learned and text designs pay nothing."""
-        self._frames_consumed = bool(consumed)
-        for ds in self.datasets.values():
-            ds.load_frames = self.frames_loaded
 
     # ------------------------------------------------------------------ datasets
     def _dataset(self, split: str, train: bool) -> IdDataset:
         cat = self.catalogue
         needs_user = any(s.uses_user for s in cat)
-        if split == "train":
-            samples = self._read_train()
-        else:
-            self._run_preflight(split)
-            samples = self._read_split(split)
+        samples = self._read_train() if split == "train" else self.reader.read(split)
         return IdDataset(
             self.root,
             split,
             cat,
             resolver=self.resolver,
             transform=build_transforms("fit" if train else "test", self.img_size, self.augment and train),
-            user_encoder=self.user_encoder if needs_user else None,
+            user_encoder=UserFeatureEncoder.from_state(self.user_features()) if needs_user else None,
             on_error=self.on_error,
             allow_external_paths=self.allow_external_paths,
             cache_images=self.cache_images,
@@ -396,18 +280,6 @@ class IdDataModule(L.LightningDataModule):
             )
         if todo:
             rank_zero_info(f"[data] task resolver: {self.resolver.describe()}")
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and any(s.uses_frames for s in self.catalogue):
-            if not any(isinstance(c, MaskedLabelReport) for c in trainer.callbacks):
-                trainer.callbacks.append(MaskedLabelReport(self.catalogue))
-        if trainer is not None and self.on_error == "skip":
-            from idrecog.reliability.callbacks import SkipReport
-
-            report = next((c for c in trainer.callbacks if isinstance(c, SkipReport)), None)
-            if report is None:
-                trainer.callbacks.append(SkipReport(self.skipped))
-            else:
-                report.preflight = {k: dict(v) for k, v in self.skipped.items()}
 
     def _loader(self, key: str, shuffle: bool) -> DataLoader:
         if key not in self.datasets:
@@ -415,7 +287,7 @@ class IdDataModule(L.LightningDataModule):
         ds = self.datasets[key]
         sampler = None
         if shuffle:
-            from idrecog.reliability.sampler import ResumableRandomSampler
+            from idrecog.data.sampler import ResumableRandomSampler
 
             # the epoch's order depends on (seed, epoch) only, so a resumed run continues it exactly
             sampler = ResumableRandomSampler(len(ds), self.seed, self.batch_size)
@@ -423,7 +295,7 @@ class IdDataModule(L.LightningDataModule):
                 sampler.load_state_dict(self._sampler_state)
                 self._sampler_state = None
         if self.on_error == "skip":
-            from idrecog.reliability.collate import SkippingCollator
+            from idrecog.data.collate import SkippingCollator
 
             collate: Any = SkippingCollator(ds.catalogue)
         else:

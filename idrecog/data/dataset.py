@@ -32,18 +32,17 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from idrecog.data.catalogue import TaskCatalogue, load_catalogue
+from idrecog.data.collate import SKIPPED
 from idrecog.data.manifest import Sample, read_manifest
-from idrecog.data.resolvers import DocTypeResolver, TaskResolver
-from idrecog.data.user import UserFeatureEncoder
+from idrecog.data.resolution import DocTypeResolver, TaskResolver
 from idrecog.errors import ConfigError, DataFormatError
+from idrecog.models.user import UserFeatureEncoder
+from idrecog.tasks.catalogue import TaskCatalogue, load_catalogue
 from idrecog.tasks.registry import create_task_type
 
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip", "mask")
-#: what an item is replaced by under ``on_error="skip"`` when it fails to load: ``{SKIPPED: reason, "id": ...}``
-SKIPPED = "skipped"
 #: PIL's own default limit (about 89.5 megapixels), used when none is configured
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -112,7 +111,7 @@ class IdDataset(Dataset):
         user_encoder: encodes ``sample.user``; fitted on this split's samples when None and a task uses user info.
         on_error: ``raise`` (a label, mask or frame that fails to load raises ``DataFormatError``), ``skip``
             (a sample with an unreadable image, frame or label is replaced by ``{SKIPPED: reason, "id": ...}``,
-            which ``idrecog.reliability.collate.SkippingCollator`` drops and counts) or ``mask`` (that label
+            which ``idrecog.data.collate.SkippingCollator`` drops and counts) or ``mask`` (that label
             is masked and counted in ``counts``; an unreadable main image still raises).
         max_image_pixels: images (and frames) with more pixels are refused before decoding; None: no limit
             beyond PIL's global ``Image.MAX_IMAGE_PIXELS``.
@@ -256,7 +255,7 @@ class IdDataset(Dataset):
         try:
             return self._getitem(index)
         except DataFormatError as e:
-            from idrecog.reliability.preflight import classify_problem
+            from idrecog.data.preflight import classify_problem
 
             reason = classify_problem(e)
             self.counts[f"skipped/{reason}"] += 1

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from idrecog.data.catalogue import TaskCatalogue
 from idrecog.errors import DataFormatError
+from idrecog.tasks.catalogue import TaskCatalogue
 
 SPLITS = ("train", "val", "test")
 _SAMPLE_KEYS = {"id", "image", "doc_type", "labels", "assoc", "user"}

@@ -1,8 +1,8 @@
 """``idrecog data show DIR --out grid.png``: a grid of samples with their labels drawn on them.
 
-Each tile: the image with segmentation masks overlaid semi-transparently, detection boxes with their class
-names, the frames of multi-frame samples (flash, angles) as a column of thumbnails beside it, and a caption
-with the id, doc type and classification/regression labels.
+Each tile: the image with every applying task's label drawn by its task type (``TaskType.draw_target``: masks
+overlaid, boxes with their class names, class names and values in the caption), the frames of multi-frame
+samples (flash, angles) as a column of thumbnails beside it, and a caption with the id and doc type.
 """
 
 from __future__ import annotations
@@ -10,28 +10,14 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from idrecog.data.dataset import IdDataset
 from idrecog.errors import ConfigError
-
-FONT_PATH = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-# tab10-like colours: mask classes (index 0 is left transparent) and box classes
-PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-]  # fmt: skip
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.truetype(str(FONT_PATH), size)
-    except OSError:
-        return ImageFont.load_default()
+from idrecog.tasks.drawing import Canvas, font
 
 
 def _to_pil(img: torch.Tensor) -> Image.Image:
@@ -40,61 +26,25 @@ def _to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _overlay(base: Image.Image, mask: torch.Tensor, alpha: float = 0.45) -> Image.Image:
-    """Blend class colours over ``base`` where mask is a class > 0 (255 = ignore stays clear)."""
-    m = mask.as_subclass(torch.Tensor).numpy()
-    colours = np.zeros((256, 3), dtype=np.uint8)
-    for c in range(1, 255):
-        colours[c] = PALETTE[(c - 1) % len(PALETTE)]
-    rgb = colours[m]
-    a = ((m > 0) & (m != 255)).astype(np.float32)[..., None] * alpha
-    out = np.asarray(base).astype(np.float32) * (1 - a) + rgb.astype(np.float32) * a
-    return Image.fromarray(out.round().astype(np.uint8))
-
-
-def _caption(ds: IdDataset, index: int, item: dict[str, Any]) -> list[str]:
-    s = ds.samples[index]
-    lines = [f"{s.id}  [{s.doc_type or 'no doc_type'}]"]
-    parts = []
-    for j, spec in enumerate(ds.catalogue):
-        if spec.type not in ("classification", "regression") or not bool(item["applies"][j]):
-            continue
-        value = s.labels.get(spec.name)
-        if bool(item["present"][j]):
-            parts.append(f"{spec.name}={value:.3g}" if isinstance(value, float) else f"{spec.name}={value}")
-        elif bool(item["frames_missing"][j]):
-            parts.append(f"{spec.name}=(no frames)")
-        elif value is not None:
-            parts.append(f"{spec.name}=(masked)")
-    # wrap the labels two per line to keep tiles narrow
-    lines += ["  ".join(parts[k : k + 2]) for k in range(0, len(parts), 2)]
-    return lines
-
-
-def _tile(ds: IdDataset, index: int, width: int, font: Any) -> Image.Image:
+def _tile(ds: IdDataset, index: int, width: int) -> Image.Image:
+    """The sample's image with every applying task's label drawn by its task type, the frames of the capture
+    as thumbnails beside it, and a caption: id, doc type, then the labels' lines (masked ones say why)."""
     item = ds[index]
-    img = _to_pil(item["image"])
-    for spec in ds.catalogue:
-        t = item["targets"].get(spec.name)
-        if isinstance(t, torch.Tensor) and t.ndim == 2:
-            img = _overlay(img, t)
-    scale = width / img.width
-    img = img.resize((width, max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
-    draw = ImageDraw.Draw(img)
-    for spec in ds.catalogue:
-        t = item["targets"].get(spec.name)
-        if isinstance(t, dict) and "boxes" in t:
-            classes = list(spec.classes or [])
-            for box, label in zip(
-                t["boxes"].as_subclass(torch.Tensor).tolist(), t["labels"].tolist(), strict=True
-            ):
-                colour = PALETTE[label % len(PALETTE)]
-                x0, y0, x1, y1 = (v * scale for v in box)
-                draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
-                text = classes[label] if label < len(classes) else str(label)
-                tb = draw.textbbox((x0 + 1, y0 + 1), text, font=font)
-                draw.rectangle(tb, fill=(0, 0, 0))
-                draw.text((x0 + 1, y0 + 1), text, fill=colour, font=font)
+    s = ds.samples[index]
+    canvas = Canvas(_to_pil(item["image"]), layer="target")
+    canvas.text(f"{s.id}  [{s.doc_type or 'no doc_type'}]")
+    for j, tt in enumerate(ds.task_types):
+        if not bool(item["applies"][j]):
+            continue
+        name = tt.spec.name
+        if bool(item["present"][j]):
+            tt.draw_target(canvas, item["targets"][name])
+        elif bool(item["frames_missing"][j]):
+            canvas.text(f"{name}=(no frames)")
+        elif s.labels.get(name) is not None:
+            canvas.text(f"{name}=(masked)")
+    img = canvas.render(width=width, caption=False)
+    f = font(11)
     frames: list[tuple[str, Image.Image]] = []
     assoc = item.get("assoc")
     if assoc:
@@ -105,19 +55,21 @@ def _tile(ds: IdDataset, index: int, width: int, font: Any) -> Image.Image:
         ]
     thumb_w = width // 3 if frames else 0
     thumb_h = round(thumb_w * img.height / img.width) if frames else 0
-    lines = _caption(ds, index, item)
-    line_h = font.size + 3 if hasattr(font, "size") else 13
+    # the id line, then the labels two per line to keep tiles narrow
+    head, labels = canvas.lines[:1], canvas.lines[1:]
+    lines = head + ["  ".join(labels[k : k + 2]) for k in range(0, len(labels), 2)]
+    line_h = f.size + 3 if hasattr(f, "size") else 13
     h = max(img.height, len(frames) * (thumb_h + 2)) + line_h * len(lines) + 4
     tile = Image.new("RGB", (width + (thumb_w + 4 if frames else 0), h), (255, 255, 255))
     tile.paste(img, (0, 0))
     d = ImageDraw.Draw(tile)
-    for k, (name, f) in enumerate(frames):
+    for k, (name, fr) in enumerate(frames):
         y = k * (thumb_h + 2)
-        tile.paste(f.resize((thumb_w, thumb_h), Image.Resampling.BILINEAR), (width + 4, y))
-        d.text((width + 6, y + 1), name, fill=(255, 255, 0), font=font)
+        tile.paste(fr.resize((thumb_w, thumb_h), Image.Resampling.BILINEAR), (width + 4, y))
+        d.text((width + 6, y + 1), name, fill=(255, 255, 0), font=f)
     y = max(img.height, len(frames) * (thumb_h + 2)) + 2
     for line in lines:
-        d.text((2, y), line, fill=(0, 0, 0), font=font)
+        d.text((2, y), line, fill=(0, 0, 0), font=f)
         y += line_h
     return tile
 
@@ -139,8 +91,7 @@ def show_samples(
     if len(ds) == 0:
         raise ConfigError(f"{Path(root) / (split + '.jsonl')} has no samples to show")
     picks = random.Random(seed).sample(range(len(ds)), min(n, len(ds)))
-    font = _font(11)
-    tiles = [_tile(ds, i, tile_width, font) for i in picks]
+    tiles = [_tile(ds, i, tile_width) for i in picks]
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     cw, ch = max(t.width for t in tiles), max(t.height for t in tiles)

@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from idrecog.errors import ConfigError
+from idrecog.registry import Registry
 
 __all__ = [
+    "BALANCERS",
     "DWABalancer",
     "FixedBalancer",
     "LossBalancer",
@@ -26,29 +28,23 @@ __all__ = [
     "register_balancer",
 ]
 
-_BALANCERS: dict[str, type[LossBalancer]] = {}
 B = TypeVar("B", bound="type[LossBalancer]")
 
 
 def register_balancer(name: str) -> Callable[[B], B]:
-    def deco(cls: B) -> B:
-        _BALANCERS[name] = cls
-        return cls
-
-    return deco
+    """Class decorator: add a balancer to the table under ``name``."""
+    return BALANCERS.register(name)
 
 
 def list_balancers() -> list[str]:
-    return sorted(_BALANCERS)
+    return BALANCERS.names()
 
 
 def create_balancer(
     name: str, tasks: list[str], weights: Mapping[str, float] | None = None, **kwargs: Any
 ) -> LossBalancer:
     """``weights``: fixed per-task multipliers (default 1), applied by every strategy."""
-    if name not in _BALANCERS:
-        raise ConfigError(f"unknown balancing {name!r}; expected one of {', '.join(list_balancers())}")
-    return _BALANCERS[name](tasks, weights, **kwargs)
+    return BALANCERS.create(name, tasks, weights, field="model.balancing", **kwargs)
 
 
 class LossBalancer(nn.Module):
@@ -77,6 +73,9 @@ class LossBalancer(nn.Module):
     def _masked(losses: Tensor, task_present: Tensor) -> Tensor:
         # where, not multiply: a NaN loss of an absent task must not leak into the total
         return torch.where(task_present, losses, torch.zeros_like(losses))
+
+
+BALANCERS: Registry[LossBalancer] = Registry("balancer", LossBalancer, group="idrecog.balancers")
 
 
 @register_balancer("fixed")

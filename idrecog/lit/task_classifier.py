@@ -3,7 +3,8 @@
 Targets come from the catalogue's ``doc_types`` mapping on samples whose ``doc_type`` is known; samples without
 one are left out of the loss and the metrics. The backbone is any timm model (``backbone``, pooled features) or the
 shared :class:`~idrecog.models.encoder.ViTEncoder` (``encoder``, mean-pooled patch tokens; ``init_from`` MAE or
-unified weights). The resolver ``classifier`` (:mod:`idrecog.data.classifier_resolver`) runs a trained checkpoint.
+unified weights); the network is :class:`idrecog.models.task_classifier.TaskClassifier`, which the resolver
+``classifier`` (:mod:`idrecog.data.resolution.classifier`) rebuilds from a trained checkpoint.
 
 Trained with ``idrecog fit --config lightning_configs/task_classifier.yaml``; see docs/task-resolution.md.
 """
@@ -16,19 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
-from idrecog.data.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
 from idrecog.errors import ConfigError
 from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.queries import module_key
+from idrecog.models.task_classifier import TaskClassifier
 from idrecog.models.unified import module_config, module_from_config
+from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
 
 __all__ = ["TaskClassifierModule", "load_task_classifier", "task_targets"]
 
@@ -109,20 +110,18 @@ class TaskClassifierModule(L.LightningModule):
         enc = module_from_config(encoder, ViTEncoder, "encoder")
         enc_cfg: dict[str, Any] | None = None
         if enc is not None:
-            self.backbone: nn.Module = enc
-            num_features = enc.embed_dim
-            input_size = enc.img_size
             enc_cfg = module_config(enc)
             # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file
             enc_cfg["init_args"]["init_from"] = None
-        else:
-            try:
-                self.backbone = timm.create_model(
-                    backbone, pretrained=False, num_classes=0, **dict(backbone_kwargs or {})
-                )
-            except RuntimeError as e:  # timm: "Unknown model (...)"
-                raise ConfigError(f"model.backbone {backbone!r}: {e} (see timm.list_models())") from None
-            num_features = int(self.backbone.num_features)
+        self.net = TaskClassifier(
+            len(cat),
+            backbone=backbone,
+            encoder=enc,
+            input_size=input_size,
+            backbone_kwargs=backbone_kwargs,
+            drop_rate=drop_rate,
+        )
+        input_size = self.net.input_size
         h, w = (int(v) for v in input_size)
         # plain data only: the checkpoint must load with torch.load(weights_only=True)
         self.save_hyperparameters(
@@ -145,7 +144,6 @@ class TaskClassifierModule(L.LightningModule):
         self.catalogue = cat
         self.task_names = list(cat.names)
         self.input_size = (h, w)
-        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(num_features, len(self.task_names)))
         t = len(self.task_names)
         self.metrics = nn.ModuleDict(
             {
@@ -179,26 +177,13 @@ class TaskClassifierModule(L.LightningModule):
         )
 
     # ------------------------------------------------------------------ model
-    @property
-    def uses_encoder(self) -> bool:
-        return isinstance(self.backbone, ViTEncoder)
-
     def forward(self, images: Tensor) -> Tensor:
         """images: [N, 3, H, W] (ImageNet-normalised; resized to ``input_size`` when different) -> logits [N, T]."""
-        if tuple(images.shape[-2:]) != self.input_size:
-            images = F.interpolate(
-                images, size=self.input_size, mode="bilinear", antialias=True, align_corners=False
-            )
-        if self.uses_encoder:
-            feats = self.backbone(images).mean(dim=1)  # [N, L, D] -> [N, D]
-        else:
-            feats = self.backbone(images)  # [N, D] pooled
-        return self.head(feats)
+        return self.net(images)
 
-    @torch.inference_mode()
     def predict_proba(self, images: Tensor) -> Tensor:
         """images: [N, 3, H, W] -> probabilities [N, T] (catalogue order)."""
-        return torch.sigmoid(self(images).float())
+        return self.net.predict_proba(images)
 
     # ------------------------------------------------------------------ steps
     def loss(self, logits: Tensor, doc_types: Sequence[str | None]) -> tuple[Tensor, Tensor, Tensor]:
@@ -325,7 +310,7 @@ class TaskClassifierModule(L.LightningModule):
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        vit = self.backbone.vit if self.uses_encoder else None
+        vit = self.net.backbone.vit if self.net.uses_encoder else None
         groups = build_param_groups(self, vit, hp.lr, hp.weight_decay, hp.encoder_lr_scale, hp.layer_decay)
         opt = make_adamw(groups, hp.lr, None)
         total = float("inf")
@@ -354,5 +339,5 @@ def load_task_classifier(
     if kwargs.get("backbone") is None:
         kwargs.pop("backbone", None)
     module = TaskClassifierModule(**kwargs)
-    module.load_state_dict(obj["state_dict"], strict=True)
+    module.net.load_state_dict(TaskClassifier.network_state(obj["state_dict"]), strict=True)
     return module.to(map_location).eval()

@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
+from typing_extensions import override
 
-from idrecog.data.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
-from idrecog.errors import ConfigError
+from idrecog.errors import ConfigError, NonFiniteLossError
 from idrecog.lit.balancing import create_balancer
 from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
 from idrecog.models.decoder import TaskDecoder
@@ -27,7 +27,8 @@ from idrecog.models.encoder import ViTEncoder
 from idrecog.models.interpreter import Route, TaskGuidedInterpreter
 from idrecog.models.queries import LearnedQueries, TaskQueryProvider, module_key
 from idrecog.models.unified import UnifiedModel, module_config, module_from_config
-from idrecog.tasks.base import TaskType, metrics_updated
+from idrecog.tasks.base import TaskType
+from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
 from idrecog.tasks.registry import get_task_type_class
 
 __all__ = ["UnifiedModule", "format_metrics_table", "load_unified", "score_of"]
@@ -198,23 +199,25 @@ class UnifiedModule(L.LightningModule):
         """images: [B, 3, H, W] -> see :meth:`UnifiedModel.forward`."""
         return self.model(images, tasks=tasks, batch=batch, route=route)
 
+    def data_requirements(self) -> dict[str, Any]:
+        """What the data must provide for this model, decided before any dataset is built (the training CLI
+        passes it to ``IdDataModule.configure``): whether the query provider reads associated frames (the
+        datasets decode them only then), and the user-feature encoder state the model was built with (None:
+        not known yet, see :meth:`setup`)."""
+        return {"load_frames": bool(self.model.queries.consumes_frames), "user_features": self.user_features}
+
+    @override
     def setup(self, stage: str) -> None:
-        """Tell the DataModule whether the query provider reads associated frames (it decodes them only then), and
-        share the user-feature vocabularies with it (after ``prepare_data``, so the data exists):
-        a model built without them (CLI: before the data was generated) takes the DataModule's fitted encoder
-        and stores it in its hparams (checkpoints rebuild from it); a model that has them makes the DataModule
-        encode users the same way."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        """A model whose queries embed user information but was built without the user vocabularies (the CLI
+        builds it before the data may exist) takes them from the DataModule, fitted on the train split (after
+        ``prepare_data``, so the data exists), and stores them in its hparams so checkpoints rebuild."""
         needs = getattr(self.model.queries, "needs_user_spec", False)
-        if self.user_features is None and needs and dm is not None and hasattr(dm, "user_encoder"):
-            state = dm.user_encoder.state_dict()
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if needs and self.user_features is None and callable(getattr(dm, "user_features", None)):
+            state = dm.user_features()
             self.model.queries.set_user_spec(state)
             self.user_features = state
             self.hparams["user_features"] = _plain(state)
-        elif self.user_features is not None and dm is not None and hasattr(dm, "set_user_features"):
-            dm.set_user_features(self.user_features)
-        if dm is not None and hasattr(dm, "set_frames_consumed"):
-            dm.set_frames_consumed(self.model.queries.consumes_frames)
 
     def configure_model(self) -> None:
         if self.hparams.get("compile") and not self._compiled:
@@ -300,8 +303,6 @@ class UnifiedModule(L.LightningModule):
         what = ", ".join(bad) or "<balancer>"
         k = self.max_nonfinite_steps
         if self._nonfinite_run > k:
-            from idrecog.reliability.callbacks import NonFiniteLossError
-
             raise NonFiniteLossError(
                 f"non-finite loss in {self._nonfinite_run} consecutive training steps (global step "
                 f"{self.global_step}; tasks: {what}); stopped (model.max_nonfinite_steps={k}). Lower the "
@@ -341,9 +342,14 @@ class UnifiedModule(L.LightningModule):
     def predict_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
     ) -> list[dict[str, Any]]:
-        """Per sample: ``{"id", "doc_type", "outputs": {task: postprocessed}, "withheld": {task: gate's pick}}``
-        over the sample's applying tasks (``batch["applies"]``, all tasks without it). A task whose gate opened
-        a group without its unit is listed under ``withheld`` with the type the gate picked."""
+        """Per sample, over its applying tasks (``batch["applies"]``; all tasks without it)::
+
+            {"id", "doc_type",
+             "outputs": {task: postprocessed output},            # the tasks the gate let out
+             "withheld": {task: the type the gate opened},       # the others
+             "routing": {task: {"routed", "gate", "gate_probability"}}}
+
+        One guided forward pass (``route="guided"``); nothing else is needed to explain the gate's decisions."""
         images = batch["image"]
         b = images.shape[0]
         out = self.model(images, batch=batch, route="guided")
@@ -355,23 +361,38 @@ class UnifiedModule(L.LightningModule):
         doc_types = batch.get("doc_type") or [None] * b
         types = self.model.interpreter.type_names
         post: dict[str, list[dict[str, Any]]] = {}
-        routed: dict[str, Tensor] = {}
-        picks: dict[str, Tensor] = {}
+        routed: dict[str, list[bool]] = {}
+        picks: dict[str, list[int]] = {}
+        probs: dict[str, list[float]] = {}
         for i, task in enumerate(self.task_names):
             if applies[:, i].any():
                 post[task] = self.task_types[task].postprocess(out["outputs"][task])
-                routed[task] = out["routed"][task].cpu()
-                picks[task] = out["gate_logits"][task].argmax(-1).cpu()
+                routed[task] = out["routed"][task].cpu().tolist()
+                p = out["gate_logits"][task].detach().float().softmax(-1).cpu()
+                picks[task] = p.argmax(-1).tolist()
+                probs[task] = p.max(-1).values.tolist()
         results = []
         for j in range(b):
-            r: dict[str, Any] = {"id": ids[j], "doc_type": doc_types[j], "outputs": {}, "withheld": {}}
+            r: dict[str, Any] = {
+                "id": ids[j],
+                "doc_type": doc_types[j],
+                "outputs": {},
+                "withheld": {},
+                "routing": {},
+            }
             for i, task in enumerate(self.task_names):
                 if not applies[j, i]:
                     continue
+                gate = types[picks[task][j]]
                 if routed[task][j]:
                     r["outputs"][task] = post[task][j]
                 else:
-                    r["withheld"][task] = types[int(picks[task][j])]
+                    r["withheld"][task] = gate
+                r["routing"][task] = {
+                    "routed": bool(routed[task][j]),
+                    "gate": gate,
+                    "gate_probability": round(float(probs[task][j]), 6),
+                }
             results.append(r)
         return results
 
@@ -389,7 +410,7 @@ class UnifiedModule(L.LightningModule):
         scores = []
         for task, tt in self.task_types.items():
             mc = self.metrics[module_key(stage)][module_key(task)]
-            values = _compute(tt, mc)
+            values = tt.compute_metrics(mc)
             mc.reset()
             for key, value in values.items():
                 self.log(f"{stage}/{task}/{key}", value)
@@ -429,15 +450,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def _compute(tt: TaskType, mc: Any) -> dict[str, Tensor]:
-    fn = getattr(tt, "compute_metrics", None)
-    if callable(fn):
-        return dict(fn(mc))
-    if not metrics_updated(mc):  # decided over all ranks: every rank must join compute()'s sync
-        return {}
-    return {k: v for k, v in mc.compute().items() if isinstance(v, Tensor) and v.numel() == 1}
 
 
 def load_unified(

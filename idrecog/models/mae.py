@@ -4,58 +4,28 @@ Learners", 2021), after facebookresearch/mae ``models_mae.py``, for non-square d
 The encoder is :class:`idrecog.models.encoder.ViTEncoder` held as ``self.encoder`` (timm model under
 ``encoder.vit``), the same attribute path as in the unified model, so pretrained weights pass over unchanged.
 
-Two encoder modes:
-
-- ``"visible"`` (MAE): the encoder sees only the kept patches (plus the class token); the light decoder gets the
-  encoded tokens back in place together with a shared mask token at every removed position.
-- ``"all"`` (SimMIM-style baseline, for the speed benchmark): the encoder sees every patch, with a learned mask
-  token substituted for the patch embedding at removed positions; the same decoder then predicts pixels.
+The encoder sees only the kept patches (plus the class token); the light decoder gets the encoded tokens back
+in place together with a shared mask token at every removed position, and predicts the pixels.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
-import numpy as np
 import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from idrecog.errors import ConfigError
 from idrecog.models.encoder import ViTEncoder
 
-EncoderMode = Literal["visible", "all"]
 
-
-# ---------------------------------------------------------------------- fixed 2-D sin-cos position embeddings
-def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    """embed_dim: output dimension per position (even); pos: positions [M] -> [M, embed_dim]."""
-    if embed_dim % 2:
-        raise ConfigError(f"sin-cos embedding dimension must be even, got {embed_dim}")
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega  # [D/2]
-    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)  # [M, D/2] outer product
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # [M, D]
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_hw: tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
-    """Fixed 2-D sin-cos position embeddings for an ``h x w`` patch grid (h != w is fine).
-
-    The first half of the channels encodes the column (x), the second half the row (y), as in MAE. Tokens are in
-    row-major order (index ``r * w + c``), matching the ViT's patch order.
-
-    Returns: [num_prefix_tokens + h * w, embed_dim] float32; prefix (class token) rows are zeros.
-    """
-    if embed_dim % 4:
-        raise ConfigError(f"2-D sin-cos embedding dimension must be a multiple of 4, got {embed_dim}")
-    h, w = int(grid_hw[0]), int(grid_hw[1])
-    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-    emb_x = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, cols)  # [h*w, D/2]
-    emb_y = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, rows)  # [h*w, D/2]
-    emb = np.concatenate([emb_x, emb_y], axis=1)
-    if num_prefix_tokens:
-        emb = np.concatenate([np.zeros([num_prefix_tokens, embed_dim]), emb], axis=0)
-    return torch.from_numpy(emb).float()
+def decoder_pos_embed(dim: int, grid_hw: tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+    """Fixed 2-D sin-cos position embeddings of the decoder (timm's, the task decoder's too) for an ``h x w``
+    patch grid in row-major token order -> [num_prefix_tokens + h * w, dim]; prefix (class token) rows are 0."""
+    if dim % 4:
+        raise ConfigError(f"2-D sin-cos embedding dimension must be a multiple of 4, got {dim}")
+    emb = build_sincos2d_pos_embed([int(grid_hw[0]), int(grid_hw[1])], dim)
+    return torch.cat([emb.new_zeros(num_prefix_tokens, dim), emb]) if num_prefix_tokens else emb
 
 
 def default_decoder_size(encoder_dim: int) -> tuple[int, int, int]:
@@ -76,7 +46,6 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: fraction of patches removed per image (default for ``forward``).
         decoder_dim / decoder_depth / decoder_heads: decoder size; ``None`` picks :func:`default_decoder_size`.
         norm_pix_loss: regress per-patch normalised pixels (mean 0, variance 1 in each target patch).
-        encoder_mode: ``"visible"`` (MAE) or ``"all"`` (SimMIM-style baseline; see the module doc).
         mlp_ratio: decoder MLP ratio.
     """
 
@@ -88,12 +57,9 @@ class MaskedAutoencoder(nn.Module):
         decoder_depth: int | None = None,
         decoder_heads: int | None = None,
         norm_pix_loss: bool = True,
-        encoder_mode: EncoderMode = "visible",
         mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
-        if encoder_mode not in ("visible", "all"):
-            raise ConfigError(f"encoder_mode must be 'visible' or 'all', got {encoder_mode!r}")
         _check_ratio(mask_ratio)
         dd, ddepth, dheads = default_decoder_size(encoder.embed_dim)
         decoder_dim = decoder_dim or dd
@@ -104,22 +70,18 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = encoder
         self.mask_ratio = float(mask_ratio)
         self.norm_pix_loss = bool(norm_pix_loss)
-        self.encoder_mode: EncoderMode = encoder_mode
         self.patch_size = encoder.patch_size
         self.grid_size = encoder.grid_size
         self.num_patches = encoder.num_patches
         self.num_prefix_tokens = encoder.num_prefix_tokens
         p, d = self.patch_size, encoder.embed_dim
 
-        if encoder_mode == "all":
-            # SimMIM: the learned token replaces the patch embedding of removed patches, before position embeddings
-            self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, d))
         # ----- decoder
         self.decoder_embed = nn.Linear(d, decoder_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer(
             "decoder_pos_embed",
-            get_2d_sincos_pos_embed(decoder_dim, self.grid_size, self.num_prefix_tokens).unsqueeze(0),
+            decoder_pos_embed(decoder_dim, self.grid_size, self.num_prefix_tokens).unsqueeze(0),
             persistent=False,  # fixed, rebuilt from the grid: not part of the weights
         )
         self.decoder_blocks = nn.ModuleList(
@@ -136,8 +98,6 @@ class MaskedAutoencoder(nn.Module):
     def _init_decoder(self) -> None:
         # MAE init for the new parts only; the encoder keeps timm's init (or its pretrained weights)
         torch.nn.init.normal_(self.mask_token, std=0.02)
-        if hasattr(self, "enc_mask_token"):
-            torch.nn.init.normal_(self.enc_mask_token, std=0.02)
         for name, m in self.named_modules():
             if name.startswith("encoder"):
                 continue
@@ -151,7 +111,7 @@ class MaskedAutoencoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (timm's ``param_groups_weight_decay`` reads this)."""
-        names = {"mask_token", "enc_mask_token"}
+        names = {"mask_token"}
         names |= {f"encoder.vit.{n}" for n in ("pos_embed", "cls_token", "reg_token", "dist_token")}
         return names
 
@@ -220,21 +180,15 @@ class MaskedAutoencoder(nn.Module):
     def forward_encoder(
         self, imgs: Tensor, mask_ratio: float, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """imgs: [N, 3, H, W] -> latent [N, P + K, D] ("visible") or [N, P + L, D] ("all"), mask [N, L],
-        ids_restore [N, L]; P = prefix (class) tokens."""
+        """imgs: [N, 3, H, W] -> latent [N, P + K, D] of the kept patches, mask [N, L], ids_restore [N, L];
+        P = prefix (class) tokens."""
         n = imgs.shape[0]
         ids_keep, mask, ids_restore = self.random_ids(n, self.num_patches, mask_ratio, imgs.device, generator)
-        if self.encoder_mode == "visible":
-            return self.encoder.forward_visible(imgs, ids_keep), mask, ids_restore
-        vit = self.encoder.vit
-        x = vit.patch_embed(imgs)  # [N, L, D]
-        m = mask.unsqueeze(-1).to(x.dtype)
-        x = x * (1.0 - m) + self.enc_mask_token.to(x.dtype) * m
-        x = torch.cat([self.encoder.prefix_tokens(n), x + self.encoder.patch_pos_embed()], dim=1)
-        return self.encoder.forward_tokens(x), mask, ids_restore
+        return self.encoder.forward_visible(imgs, ids_keep), mask, ids_restore
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        """latent: [N, P + K, D] (or [N, P + L, D] in "all" mode), ids_restore: [N, L] -> pred [N, L, p*p*3]."""
+        """latent: [N, P + K, D] (K < L: mask tokens fill the removed positions; K = L: all given),
+        ids_restore: [N, L] -> pred [N, L, p*p*3]."""
         x = self.decoder_embed(latent)  # [N, P + K, Dd]
         npt = self.num_prefix_tokens
         num_patches = ids_restore.shape[1]

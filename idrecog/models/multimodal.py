@@ -10,49 +10,23 @@ For task t and sample b, a small transformer reads::
 
 and its outputs at the slot positions, projected to the decoder width, are the sample's queries [B, Q_t, dim].
 Missing information (a sample without frames or user info, an unknown attribute, a missing behaviour value) is
-removed with the attention key padding mask, never fed as zeros. A task that uses neither frames nor user info
-gets the same tokens for every sample, so it is computed once at batch size 1 and expanded.
+removed with the attention key padding mask, never fed as zeros.
 
-Frames are encoded (``image_mode``) by the model's own encoder without gradient (``shared_frozen``, the
-default), by it with gradient (``shared``), or by a separate light patch embedding (``separate``); the patch
-tokens are pooled to a ``frame_pool`` grid to keep the converter small. Only the frames present in the batch are
-encoded. The default keeps the frames' gradients out of the encoder that the single-frame tasks share: at 300
-CPU steps (2 seeds) it was better than ``shared`` on card_mask, visibility and image_quality, level elsewhere,
-kept hologram and nationality_match above 0.95, and trained 1.4x faster (docs/task-queries.md).
+* ``image_mode``: frames are encoded by the model's own encoder without gradient (``shared_frozen``, default),
+  with gradient (``shared``), or by a separate light patch embedding (``separate``); the patch tokens are pooled
+  to a ``frame_pool`` grid. Only the frames present in the batch are encoded.
+* ``frame_change`` (default on): each present angle frame's pixel deviation from the mean of the sample's angle
+  frames, embedded by a bias-free patch convolution (a static region gives exactly zero), GELU, max-pooled per
+  ``frame_pool`` cell and over the series (one ``change`` token per sample). The flash frame is not in the mean.
+* ``combine``: ``add`` (default), the converter's output at a task's slots is its queries; ``film``, a learned
+  per-token embedding scaled by ``1 +`` that output, whose last projection starts at zero.
+* ``static_queries``: ``text`` (default), tasks that read no associated information take ``TextQueries``'
+  ``film`` path and the converter runs only for tasks that read frames or user info; ``converter``, every task's
+  queries come out of the converter.
 
-Tilt change (``frame_change``, default on): a multi-frame check looks for what changes across the frames of one
-capture (a genuine hologram shifts hue under tilt; a printed copy stays put), and the angle frames of a capture
-share their geometry (same placement, same augmentation). Each present angle frame's deviation from the mean of
-the sample's present angle frames is taken in pixels, embedded by a light patch convolution (linear, no bias:
-a static region gives exactly zero however bright or textured it is), passed through a GELU and max-pooled: per
-``frame_pool`` cell it is added to that angle frame's tokens, and over the whole frame series it gives one
-``change`` token per sample (masked when the sample has fewer than two angle frames). The flash frame is not in
-the mean (it is lit differently everywhere, which would drown a local change). Why: with only the deep, pooled
-encoder features the converter has to find a one-patch difference between frame tokens by attention, and it did
-not within a few hundred steps; a random ViT's pooled features separate genuine from counterfeit with an AUC of
-0.76 for the angle frames and 0.51 once the flash enters, against 1.00 for pixel differences (CPU check on
-the synthetic benchmark at 96 x 160).
-
-Combining (``combine``): with ``add`` (the default) the converter's output at a task's slots is its queries; with
-``film`` each query token is a learned per-token embedding (initialised as in the learned design) scaled
-element-wise by ``1 +`` the converter's output at that token's slot, whose last projection starts at zero (as
-``TextQueries`` does by default). ``film`` keeps a task's tokens distinct from the start (an additive output made
-card_mask's 4 mask tokens start at cosine 0.985), but here it did not buy card_mask back and learned
-nationality_match more slowly (300 CPU steps: 0.88-0.90 against 0.97-0.98 with ``add``; docs/task-queries.md),
-so ``add`` stays the default.
-
-Static tasks (``static_queries``): with ``text`` (the default) tasks that read no associated information take
-``TextQueries``' ``film`` path, a learned per-token embedding scaled by ``1 +`` a zero-started projection of the
-pooled text, and the converter runs only for tasks that read frames or user info. With ``converter`` every task's
-queries come out of the converter, including those whose input is the slots and the text alone (the same for
-every sample). Measured at 300 CPU steps, 2 seeds, with ``shared_frozen`` frames (docs/task-queries.md):
-``text`` keeps card_mask level with learned queries (0.778 against 0.777; the converter 0.764) and every other
-single-frame task within 0.6 points, with hologram 1.000 and nationality_match 0.935 (the converter 0.971).
-
-User attributes and behaviour come in the encodings of :class:`idrecog.data.user.UserFeatureEncoder`; the
-vocabulary sizes come from its fitted state (``user_spec``), which ``UnifiedModule`` keeps in its
-``user_features`` hyper-parameter (taken from the DataModule in ``setup`` when the model was built without it,
-so it survives checkpoint reload).
+Why these defaults, with the measurements: docs/task-queries.md. User attributes and behaviour come in the
+encodings of :class:`idrecog.models.user.UserFeatureEncoder`; the vocabulary sizes come from its fitted state
+(``user_spec``), which ``UnifiedModule`` keeps in its ``user_features`` hyper-parameter.
 """
 
 from __future__ import annotations
@@ -63,8 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from idrecog.data.catalogue import TaskCatalogue
-from idrecog.data.user import UserFeatureEncoder
 from idrecog.errors import ConfigError
 from idrecog.models.queries import (
     TaskQueryProvider,
@@ -73,6 +45,8 @@ from idrecog.models.queries import (
     register_query_provider,
     zero_,
 )
+from idrecog.models.user import UserFeatureEncoder
+from idrecog.tasks.catalogue import TaskCatalogue
 from idrecog.text import encode_texts, load_text_encoder, mean_pool
 
 __all__ = ["IMAGE_MODES", "KINDS", "STATIC_PATHS", "MultimodalQueries"]

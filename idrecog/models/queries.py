@@ -22,11 +22,13 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from idrecog.data.catalogue import TaskCatalogue
 from idrecog.errors import ConfigError
+from idrecog.registry import Registry
+from idrecog.tasks.catalogue import TaskCatalogue
 
 __all__ = [
     "COMBINES",
+    "QUERY_PROVIDERS",
     "LearnedQueries",
     "TaskQueryProvider",
     "check_combine",
@@ -37,7 +39,6 @@ __all__ = [
     "zero_",
 ]
 
-_PROVIDERS: dict[str, type[TaskQueryProvider]] = {}
 P = TypeVar("P", bound="type[TaskQueryProvider]")
 
 
@@ -100,27 +101,25 @@ class TaskQueryProvider(nn.Module):
         raise NotImplementedError
 
 
+QUERY_PROVIDERS: Registry[TaskQueryProvider] = Registry(
+    "query provider",
+    TaskQueryProvider,
+    group="idrecog.query_providers",
+    builtins="idrecog.models.builtin_queries",
+)
+
+
 def register_query_provider(name: str) -> Callable[[P], P]:
     """Class decorator: add a provider to the table under ``name``."""
-
-    def deco(cls: P) -> P:
-        existing = _PROVIDERS.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise ConfigError(f"query provider {name!r} is already registered by {existing.__qualname__}")
-        _PROVIDERS[name] = cls
-        return cls
-
-    return deco
+    return QUERY_PROVIDERS.register(name)
 
 
 def list_query_providers() -> list[str]:
-    return sorted(_PROVIDERS)
+    return QUERY_PROVIDERS.names()
 
 
 def create_query_provider(name: str, **kwargs: Any) -> TaskQueryProvider:
-    if name not in _PROVIDERS:
-        raise ConfigError(f"unknown query provider {name!r}; registered: {', '.join(list_query_providers())}")
-    return _PROVIDERS[name](**kwargs)
+    return QUERY_PROVIDERS.create(name, **kwargs)
 
 
 @register_query_provider("learned")

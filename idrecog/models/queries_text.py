@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from idrecog.data.catalogue import TaskCatalogue
 from idrecog.errors import ConfigError
 from idrecog.models.queries import (
     TaskQueryProvider,
@@ -32,6 +31,7 @@ from idrecog.models.queries import (
     register_query_provider,
     zero_,
 )
+from idrecog.tasks.catalogue import TaskCatalogue
 from idrecog.text import encode_texts, load_text_encoder, mean_pool
 
 __all__ = ["TextQueries"]

@@ -1,17 +1,7 @@
 """The unified multi-task model: encoder -> task decoder over task queries -> task-guided interpreter.
 
-::
-
-    images [B, 3, H, W]
-      -> ViTEncoder                       tokens  [B, L, E]      (L = H/p * W/p)
-      -> PixelDecoder (if a task needs)   pixels  [B, H/4, W/4, C] (heads: HeadContext.dot_pixels)
-      -> TaskQueryProvider(tasks)         queries [B, Q, D]      (Q = sum of the tasks' query counts)
-      -> TaskDecoder(queries, tokens)     feats   [B, Q, D]      (one pass for every requested task)
-      -> split per task                   {task: [B, Q_t, D]}
-      -> TaskGuidedInterpreter            outputs {task: head dict}, gate_logits {task: [B, n_types]},
-                                          routed {task: bool [B]}
-
-For a fixed task list the traced path has no data-dependent Python control flow (export-friendly).
+The data flow and shapes are drawn in docs/architecture.md. For a fixed task list the traced path has no
+data-dependent Python control flow (export-friendly).
 """
 
 from __future__ import annotations
@@ -24,7 +14,6 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from idrecog.data.catalogue import TaskCatalogue, coerce_catalogue
 from idrecog.errors import ConfigError
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.encoder import ViTEncoder
@@ -32,6 +21,7 @@ from idrecog.models.interpreter import Route, TaskGuidedInterpreter
 from idrecog.models.pixel_decoder import PixelDecoder
 from idrecog.models.queries import TaskQueryProvider
 from idrecog.tasks.base import HeadContext, TaskType
+from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue
 from idrecog.tasks.registry import create_task_type
 
 __all__ = ["UnifiedModel", "build_task_types", "module_config", "module_from_config"]

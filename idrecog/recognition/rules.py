@@ -16,8 +16,8 @@ fixed precedence ``reject > review > accept``. Rules are validated against a tas
 unknown task, unknown field for the task's type and classes, or a comparison that cannot work raise
 :class:`RuleError` naming the file and the line.
 
-Fields per task type (see :func:`rule_fields`); a plugin task type may declare its own with a classmethod
-``rule_fields(spec) -> {field: kind}`` and ``rule_value(output, field)``:
+Fields per task type, as each type declares them (``TaskType.rule_fields`` / ``rule_value``; a plugin type
+declares its own):
 
 * classification: ``class`` (a class name), ``confidence`` (max probability), ``probabilities.<class>``
 * regression: ``value``
@@ -36,15 +36,16 @@ from typing import Any
 
 import yaml
 
-from idrecog.data.catalogue import TaskCatalogue, TaskSpec
 from idrecog.errors import DataFormatError
+from idrecog.tasks.base import CLASS, NUMBER
+from idrecog.tasks.catalogue import TaskCatalogue, TaskSpec
+from idrecog.tasks.registry import get_task_type_class
 
 OUTCOMES = ("accept", "review", "reject")
 #: outcome severity: the decision is the most severe outcome among failed rules
 SEVERITY = {"accept": 0, "review": 1, "reject": 2}
 IF_MISSING = ("skip", "review", "reject")
 
-NUMBER, CLASS = "number", "class"
 _ORDER_OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<": operator.lt,
     "<=": operator.le,
@@ -69,55 +70,19 @@ class RuleError(DataFormatError):
 
 # ------------------------------------------------------------------------------------------------ fields
 def rule_fields(spec: TaskSpec) -> dict[str, str]:
-    """The fields a rule may test for a task: ``{field: "number" | "class"}``.
+    """The fields a rule may test for a task: ``{field: "number" | "class"}``, as its task type declares them
+    (:meth:`idrecog.tasks.TaskType.rule_fields`).
 
-    >>> from idrecog.data.catalogue import TaskSpec
+    >>> from idrecog.tasks.catalogue import TaskSpec
     >>> sorted(rule_fields(TaskSpec("q", "regression", range=(0.0, 1.0))))
     ['value']
     """
-    from idrecog.tasks.registry import get_task_type_class
-
-    classes = list(spec.classes or ())
-    if spec.type == "classification":
-        return {"class": CLASS, "confidence": NUMBER, **{f"probabilities.{c}": NUMBER for c in classes}}
-    if spec.type == "regression":
-        return {"value": NUMBER}
-    if spec.type == "segmentation":
-        return {f"area_fraction.{c}": NUMBER for c in classes}
-    if spec.type == "detection":
-        return {
-            "count": NUMBER,
-            **{f"count.{c}": NUMBER for c in classes},
-            **{f"max_score.{c}": NUMBER for c in classes},
-        }
-    hook = getattr(get_task_type_class(spec.type), "rule_fields", None)
-    return dict(hook(spec)) if callable(hook) else {}
+    return dict(get_task_type_class(spec.type).rule_fields(spec))
 
 
 def rule_value(spec: TaskSpec, output: Mapping[str, Any], field: str) -> Any:
     """Read ``field`` from one task's postprocessed output; ``KeyError`` when the output lacks it."""
-    head, _, tail = field.partition(".")
-    if spec.type == "classification":
-        if field == "class":
-            return output["class"]
-        if field == "confidence":
-            return output["confidence"] if "confidence" in output else max(output["probabilities"].values())
-        return output["probabilities"][tail]
-    if spec.type in ("regression", "segmentation"):
-        return output[field] if not tail else output[head][tail]
-    if spec.type == "detection":
-        boxes = output["boxes"]
-        if field == "count":
-            return len(boxes)
-        if head == "count":
-            return sum(1 for b in boxes if b["label"] == tail)
-        return max((float(b["score"]) for b in boxes if b["label"] == tail), default=0.0)
-    from idrecog.tasks.registry import get_task_type_class
-
-    hook = getattr(get_task_type_class(spec.type), "rule_value", None)
-    if not callable(hook):
-        raise KeyError(field)
-    return hook(output, field)
+    return get_task_type_class(spec.type).rule_value(spec, output, field)
 
 
 def _is_number(v: Any) -> bool:

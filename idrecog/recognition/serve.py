@@ -26,7 +26,7 @@ import io
 import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -321,26 +321,3 @@ def serve(
     import uvicorn
 
     uvicorn.run(create_app(recognizer, limits), host=host, port=port, log_level=log_level)
-
-
-def multipart_body(
-    files: Sequence[tuple[str, str, bytes]],
-    fields: dict[str, str] | None = None,
-    boundary: str = "idrecogBoundary7",
-) -> tuple[bytes, str]:
-    """Encode a multipart/form-data body with the standard library (for clients, tests and benchmarks).
-
-    files: (field, filename, bytes) triples. Returns (body, content type).
-    """
-    out = io.BytesIO()
-    for name, value in (fields or {}).items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
-        out.write(value.encode() + b"\r\n")
-    for name, filename, data in files:
-        out.write(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n".encode()
-        )
-        out.write(data + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"

@@ -367,7 +367,7 @@ def generate_dataset(
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
-        from idrecog.data.catalogue import default_catalogue
+        from idrecog.tasks.catalogue import default_catalogue
 
         default_catalogue().to_yaml(tmp / "tasks.yaml")
         counts = {"train": train, "val": val, "test": test}

@@ -1,6 +1,7 @@
 """Task types and their plugin table."""
 
-from idrecog.tasks.base import HeadContext, TaskType
+from idrecog.tasks.base import CLASS, NUMBER, HeadContext, TaskType
+from idrecog.tasks.drawing import Canvas
 from idrecog.tasks.registry import (
     create_task_type,
     get_task_type_class,
@@ -9,6 +10,9 @@ from idrecog.tasks.registry import (
 )
 
 __all__ = [
+    "CLASS",
+    "NUMBER",
+    "Canvas",
     "HeadContext",
     "TaskType",
     "create_task_type",

@@ -4,11 +4,15 @@ A task type owns everything type-specific, so that the data pipeline, the model 
 
 * data side: ``check_label`` (manifest value), ``load_target`` (value -> per-sample target, with
   ``torchvision.tv_tensors`` for anything geometric so that v2 transforms move it with the image), ``collate``;
+  ``new_label_stats`` / ``add_label_stats`` / ``format_label_stats`` (what ``idrecog data check`` reports);
 * model side: ``num_queries`` (query tokens the task owns in the decoder), ``build_head`` (its output unit),
   ``loss``, ``build_metrics`` / ``update_metrics`` / ``compute_metrics``, ``postprocess`` (JSON-able outputs);
+* recognition: ``rule_fields`` / ``rule_value`` (what a decision rule may test on an output);
+* pictures: ``draw_target`` / ``draw_output`` on a :class:`~idrecog.tasks.drawing.Canvas` (``idrecog data show``,
+  prediction overlays, W&B images);
 * self-description for tests and docs: ``example_spec`` / ``example_label`` (a small catalogue entry and a
   valid manifest value, so that the contract tests in ``tests/test_task_types.py`` cover every registered type
-  with no per-type code) and ``output_shapes``.
+  with no per-type code), ``example_target`` (a collated random batch target) and ``output_shapes``.
 
 Shapes: ``task_feats: [B, Q, D]`` for the task's Q query tokens; ``present: [B]`` bool, True where the task
 applies to the sample and its label is known. Losses are means over present samples and are exactly zero
@@ -18,18 +22,31 @@ placeholders (-1, NaN, all-255 masks, None) and must never reach a loss or a met
 
 from __future__ import annotations
 
+import tempfile
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from idrecog.data.catalogue import TaskSpec
+from idrecog.tasks.catalogue import TaskSpec
+from idrecog.tasks.drawing import Canvas
 
-if TYPE_CHECKING:
-    from idrecog.models.pixel_decoder import PixelDecoder
+#: kinds of rule fields: a number, or a class name among the task's ``classes``
+NUMBER, CLASS = "number", "class"
+
+
+class PixelProjector(Protocol):
+    """What a head context needs of the model's pixel decoder (``idrecog.models.pixel_decoder.PixelDecoder``):
+    its last linear layer and the projection of narrow per-pixel features to the D-wide map."""
+
+    proj: nn.Linear
+
+    def project(self, hidden: Tensor) -> Tensor: ...
 
 
 class HeadContext:
@@ -49,7 +66,7 @@ class HeadContext:
         pixel_feats: Tensor | None,
         image_size: tuple[int, int],
         pixel_hidden: Tensor | None = None,
-        pixel_decoder: PixelDecoder | None = None,
+        pixel_decoder: PixelProjector | None = None,
     ) -> None:
         self._pixel_feats = pixel_feats
         self.image_size = image_size
@@ -101,6 +118,11 @@ class TaskType(ABC):
     higher_is_better: ClassVar[bool] = True
     #: whether the head reads ``HeadContext.pixel_feats`` (so the model builds the pixel decoder)
     needs_pixel_features: ClassVar[bool] = False
+    #: the postprocessed output names one of ``spec.classes`` under ``"class"`` (so such a task whose classes are
+    #: the catalogue's doc types can resolve an image's tasks: ``TaskCatalogue.doc_type_task``)
+    predicts_class: ClassVar[bool] = False
+    #: ``idrecog data check`` loads the targets of every k-th label only (targets that are costly to load)
+    sampled_label_stats: ClassVar[bool] = False
 
     def __init__(self, spec: TaskSpec, **options: Any) -> None:
         self.spec = spec
@@ -125,8 +147,27 @@ class TaskType(ABC):
         """Turn a non-null manifest value into a per-sample target. ``image_size`` is (H, W) of the image."""
 
     @abstractmethod
-    def collate(self, targets: list[Any | None]) -> Any:
-        """Batch per-sample targets; ``None`` marks a sample whose label is absent."""
+    def collate(self, targets: list[Any | None], image_size: tuple[int, int]) -> Any:
+        """Batch per-sample targets; ``None`` marks a sample whose label is absent. ``image_size``: (H, W) of the
+        batch's images (dense targets need it when no sample of the batch is labelled)."""
+
+    def new_label_stats(self) -> Any:
+        """An empty accumulator of label statistics for ``idrecog data check``. Default: class counts."""
+        return Counter()
+
+    def add_label_stats(self, stats: Any, value: Any, target: Any) -> Any:
+        """Add one label (manifest ``value`` and its loaded ``target``) to ``stats``; returns ``stats``. Default:
+        counts the value when the task has classes and the value names one."""
+        if self.spec.classes and isinstance(value, str):
+            stats[value] += 1
+        return stats
+
+    def format_label_stats(self, stats: Any, labelled: int) -> str:
+        """One short cell of the ``data check`` table. Default: each class's share (``-`` without classes)."""
+        if not self.spec.classes or not isinstance(stats, Counter):
+            return "-"
+        total = sum(stats.values()) or 1
+        return " ".join(f"{c}={stats.get(c, 0) / total:.0%}" for c in self.spec.classes)
 
     # ---------------------------------------------------------------- model side
     @property
@@ -173,6 +214,31 @@ class TaskType(ABC):
         """Per-sample outputs (class and probabilities, value, mask, boxes...): JSON-able, except numpy arrays
         (segmentation masks), which callers write as files."""
 
+    # ---------------------------------------------------------------- recognition rules
+    @classmethod
+    def rule_fields(cls, spec: TaskSpec) -> dict[str, str]:
+        """The fields a decision rule may test on this task's postprocessed output: ``{field: NUMBER | CLASS}``
+        (``CLASS``: a name among ``spec.classes``). Default: none."""
+        return {}
+
+    @classmethod
+    def rule_value(cls, spec: TaskSpec, output: Mapping[str, Any], field: str) -> Any:
+        """Read a rule field from one postprocessed output; ``KeyError`` when the output lacks it."""
+        raise KeyError(field)
+
+    # ---------------------------------------------------------------- pictures
+    def draw_target(self, canvas: Canvas, target: Any) -> None:
+        """Draw one sample's target (``load_target``'s value after the transforms, or a collated row) on the
+        canvas. Default: a caption line with the class name or the value."""
+        canvas.text(f"{self.name}={_describe(self.spec, target)}")
+
+    def draw_output(self, canvas: Canvas, output: Mapping[str, Any]) -> None:
+        """Draw one sample's postprocessed output. Default: its ``class`` or ``value`` as a caption line."""
+        if "class" in output:
+            canvas.text(f"{self.name}: {output['class']}")
+        elif "value" in output:
+            canvas.text(f"{self.name}: {float(output['value']):.3g}")
+
     # ---------------------------------------------------------------- self-description
     @classmethod
     def example_spec(cls) -> TaskSpec:
@@ -184,6 +250,21 @@ class TaskType(ABC):
         """A valid manifest value for ``spec`` (may write a file under ``root``, e.g. a mask PNG). ``seed`` varies
         it so that a few labels cover several classes."""
         raise NotImplementedError(f"{cls.__qualname__} provides no example_label()")
+
+    def example_target(self, present: Sequence[bool], image_size: tuple[int, int], seed: int = 0) -> Any:
+        """A collated target for a batch (benchmarks, tests): ``example_label`` loaded for the present samples,
+        None for the others. Labels that are files (masks) are written to a temporary folder and read back."""
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            per_sample = [
+                self.load_target(
+                    self.example_label(self.spec, root, image_size, seed=seed + j), root, image_size
+                )
+                if p
+                else None
+                for j, p in enumerate(present)
+            ]
+            return self.collate(per_sample, image_size)
 
     def output_shapes(
         self, batch_size: int, image_size: tuple[int, int]
@@ -213,6 +294,22 @@ class TaskType(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.name!r})"
+
+
+def _describe(spec: TaskSpec, target: Any) -> str:
+    """A target as caption text: a class index as its name, a number with 3 significant digits."""
+    if isinstance(target, Tensor):
+        target = target.item() if target.numel() == 1 else target
+    if (
+        isinstance(target, int)
+        and not isinstance(target, bool)
+        and spec.classes
+        and 0 <= target < len(spec.classes)
+    ):
+        return spec.classes[target]
+    if isinstance(target, float):
+        return f"{target:.3g}"
+    return str(target)
 
 
 def metrics_updated(metrics: MetricCollection) -> bool:

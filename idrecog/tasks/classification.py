@@ -8,6 +8,7 @@ F1 (e.g. ``[1, 3, 3]`` for classes drawn 60 / 20 / 20 %).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
-from idrecog.data.catalogue import TaskSpec
 from idrecog.errors import ConfigError
-from idrecog.tasks.base import HeadContext, TaskType
+from idrecog.tasks.base import CLASS, NUMBER, HeadContext, TaskType
+from idrecog.tasks.catalogue import TaskSpec
+from idrecog.tasks.drawing import Canvas
 from idrecog.tasks.registry import register_task_type
 
 
@@ -41,6 +43,7 @@ class ClassificationHead(nn.Module):
 @register_task_type
 class Classification(TaskType):
     type_name = "classification"
+    predicts_class = True
     label_format = "a class name from the task's `classes`"
     target_format = "LongTensor [B] of class indices, -1 where absent"
     output_format = "logits [B, C]"
@@ -75,7 +78,7 @@ class Classification(TaskType):
     def load_target(self, value: Any, root: Path, image_size: tuple[int, int]) -> int:
         return self.spec.class_index(value)
 
-    def collate(self, targets: list[Any | None]) -> Tensor:
+    def collate(self, targets: list[Any | None], image_size: tuple[int, int]) -> Tensor:
         return torch.tensor([-1 if t is None else int(t) for t in targets], dtype=torch.long)
 
     # ---------------------------------------------------------------- model side
@@ -121,6 +124,24 @@ class Classification(TaskType):
             }
             for p in probs
         ]
+
+    # ---------------------------------------------------------------- recognition and pictures
+    @classmethod
+    def rule_fields(cls, spec: TaskSpec) -> dict[str, str]:
+        classes = list(spec.classes or ())
+        return {"class": CLASS, "confidence": NUMBER, **{f"probabilities.{c}": NUMBER for c in classes}}
+
+    @classmethod
+    def rule_value(cls, spec: TaskSpec, output: Mapping[str, Any], field: str) -> Any:
+        if field == "class":
+            return output["class"]
+        if field == "confidence":
+            return output["confidence"] if "confidence" in output else max(output["probabilities"].values())
+        return output["probabilities"][field.partition(".")[2]]
+
+    def draw_output(self, canvas: Canvas, output: Mapping[str, Any]) -> None:
+        p = output.get("probabilities", {}).get(output["class"])
+        canvas.text(f"{self.name}: {output['class']}" + (f" ({p:.2f})" if p is not None else ""))
 
     # ---------------------------------------------------------------- self-description
     @classmethod

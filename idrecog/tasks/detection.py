@@ -13,6 +13,8 @@ Options: ``num_queries`` (16), ``eos_coef`` (0.1, cross-entropy weight of the no
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,9 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision import tv_tensors
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
-from idrecog.data.catalogue import TaskSpec
-from idrecog.tasks.base import HeadContext, TaskType
+from idrecog.tasks.base import NUMBER, HeadContext, TaskType
+from idrecog.tasks.catalogue import TaskSpec
+from idrecog.tasks.drawing import Canvas
 from idrecog.tasks.matcher import HungarianMatcher
 from idrecog.tasks.registry import register_task_type
 
@@ -122,7 +125,9 @@ class Detection(TaskType):
             "labels": labels,
         }
 
-    def collate(self, targets: list[Any | None]) -> list[dict[str, Tensor] | None]:
+    def collate(
+        self, targets: list[Any | None], image_size: tuple[int, int]
+    ) -> list[dict[str, Tensor] | None]:
         out: list[dict[str, Tensor] | None] = []
         for t in targets:
             if t is None:
@@ -131,6 +136,52 @@ class Detection(TaskType):
                 boxes = t["boxes"].as_subclass(Tensor).float().reshape(-1, 4)
                 out.append({"boxes": boxes, "labels": t["labels"].long()})
         return out
+
+    def new_label_stats(self) -> Counter[str]:
+        return Counter()
+
+    def add_label_stats(self, stats: Counter[str], value: Any, target: Any) -> Counter[str]:
+        stats["boxes"] += len(value)
+        stats["samples"] += 1
+        return stats
+
+    def format_label_stats(self, stats: Counter[str], labelled: int) -> str:
+        return f"{stats['boxes'] / stats['samples']:.2f} boxes/sample" if stats["samples"] else "-"
+
+    @classmethod
+    def rule_fields(cls, spec: TaskSpec) -> dict[str, str]:
+        classes = list(spec.classes or ())
+        return {
+            "count": NUMBER,
+            **{f"count.{c}": NUMBER for c in classes},
+            **{f"max_score.{c}": NUMBER for c in classes},
+        }
+
+    @classmethod
+    def rule_value(cls, spec: TaskSpec, output: Mapping[str, Any], field: str) -> Any:
+        boxes = output["boxes"]
+        head, _, tail = field.partition(".")
+        if field == "count":
+            return len(boxes)
+        if head == "count":
+            return sum(1 for b in boxes if b["label"] == tail)
+        return max((float(b["score"]) for b in boxes if b["label"] == tail), default=0.0)
+
+    def draw_target(self, canvas: Canvas, target: Any) -> None:
+        boxes = target["boxes"].as_subclass(Tensor).tolist()
+        canvas.box_list(
+            self.name,
+            [(b, int(k), None) for b, k in zip(boxes, target["labels"].tolist(), strict=True)],
+            self.spec.classes or (),
+        )
+
+    def draw_output(self, canvas: Canvas, output: Mapping[str, Any]) -> None:
+        names = list(self.spec.classes or ())
+        canvas.box_list(
+            self.name,
+            [(b["box"], names.index(b["label"]), float(b["score"])) for b in output.get("boxes", [])],
+            names,
+        )
 
     # ---------------------------------------------------------------- model side
     def build_head(self, dim: int) -> nn.Module:

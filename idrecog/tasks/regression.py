@@ -7,16 +7,19 @@ report original units. Options: ``beta`` (float, default 0.1) of the smooth L1 l
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from idrecog.data.catalogue import TaskSpec
-from idrecog.tasks.base import HeadContext, TaskType
+from idrecog.tasks.base import NUMBER, HeadContext, TaskType
+from idrecog.tasks.catalogue import TaskSpec
+from idrecog.tasks.drawing import Canvas
 from idrecog.tasks.registry import register_task_type
 
 
@@ -66,7 +69,7 @@ class Regression(TaskType):
     def load_target(self, value: Any, root: Path, image_size: tuple[int, int]) -> float:
         return float(self.normalise(float(value)))
 
-    def collate(self, targets: list[Any | None]) -> Tensor:
+    def collate(self, targets: list[Any | None], image_size: tuple[int, int]) -> Tensor:
         return torch.tensor([math.nan if t is None else float(t) for t in targets], dtype=torch.float32)
 
     # ---------------------------------------------------------------- model side
@@ -94,6 +97,32 @@ class Regression(TaskType):
     def postprocess(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         values = self.denormalise(outputs["value"].detach().float().cpu())
         return [{"value": float(v)} for v in values]
+
+    def new_label_stats(self) -> list[float]:
+        return []
+
+    def add_label_stats(self, stats: list[float], value: Any, target: Any) -> list[float]:
+        stats.append(float(value))
+        return stats
+
+    def format_label_stats(self, stats: list[float], labelled: int) -> str:
+        if not stats:
+            return "-"
+        v = np.asarray(stats)
+        return f"range [{v.min():.3g}, {v.max():.3g}] mean {v.mean():.3g}"
+
+    # ---------------------------------------------------------------- recognition and pictures
+    @classmethod
+    def rule_fields(cls, spec: TaskSpec) -> dict[str, str]:
+        return {"value": NUMBER}
+
+    @classmethod
+    def rule_value(cls, spec: TaskSpec, output: Mapping[str, Any], field: str) -> Any:
+        return output[field]
+
+    def draw_target(self, canvas: Canvas, target: Any) -> None:
+        value = float(self.denormalise(torch.as_tensor(float(target))))  # targets are in normalised units
+        canvas.text(f"{self.name}={value:.3g}")
 
     # ---------------------------------------------------------------- self-description
     @classmethod

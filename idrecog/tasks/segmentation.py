@@ -6,6 +6,7 @@ present samples. Options: ``dice_weight`` (float, default 1.0).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchvision import tv_tensors
 
-from idrecog.data.catalogue import TaskSpec
-from idrecog.tasks.base import HeadContext, TaskType
+from idrecog.tasks.base import NUMBER, HeadContext, TaskType
+from idrecog.tasks.catalogue import TaskSpec
+from idrecog.tasks.drawing import Canvas
 from idrecog.tasks.registry import register_task_type
 
 IGNORE_INDEX = 255
@@ -68,6 +70,7 @@ class Segmentation(TaskType):
     output_format = "mask_logits [B, K, H, W]"
     primary_metric = "miou"
     needs_pixel_features = True
+    sampled_label_stats = True
 
     def __init__(self, spec: TaskSpec, **options: Any) -> None:
         super().__init__(spec, **options)
@@ -103,22 +106,52 @@ class Segmentation(TaskType):
             )
         return tv_tensors.Mask(torch.from_numpy(arr))
 
-    def collate(self, targets: list[Any | None]) -> Tensor:
-        shapes = {tuple(t.shape) for t in targets if t is not None}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"masks of one batch differ in size: {sorted(shapes)}; resize them in the transform"
-            )
-        if not shapes:
-            raise ValueError("collate needs the image size when no mask is present; use collate_with_size")
-        return self.collate_with_size(targets, shapes.pop())
-
-    def collate_with_size(self, targets: list[Any | None], size: tuple[int, int]) -> Tensor:
+    def collate(self, targets: list[Any | None], image_size: tuple[int, int]) -> Tensor:
+        size = tuple(int(v) for v in image_size)
         out = torch.full((len(targets), *size), IGNORE_INDEX, dtype=torch.long)
         for i, t in enumerate(targets):
-            if t is not None:
-                out[i] = t.as_subclass(Tensor).long()
+            if t is None:
+                continue
+            if tuple(t.shape) != size:
+                raise ValueError(
+                    f"a mask of size {tuple(t.shape)} in a batch of {size} images; resize it in the transform"
+                )
+            out[i] = t.as_subclass(Tensor).long()
         return out
+
+    def new_label_stats(self) -> dict[str, Any]:
+        return {"pixels": np.zeros(256, dtype=np.int64), "masks": 0}
+
+    def add_label_stats(self, stats: dict[str, Any], value: Any, target: Any) -> dict[str, Any]:
+        stats["pixels"] += np.bincount(target.as_subclass(Tensor).flatten().numpy(), minlength=256)[:256]
+        stats["masks"] += 1
+        return stats
+
+    def format_label_stats(self, stats: dict[str, Any], labelled: int) -> str:
+        pixels = stats["pixels"]
+        if not stats["masks"]:
+            return "-"
+        total = pixels.sum() or 1
+        parts = [f"{c}={pixels[i] / total:.1%}" for i, c in enumerate(self.spec.classes or ())]
+        if pixels[IGNORE_INDEX]:
+            parts.append(f"ignore={pixels[IGNORE_INDEX] / total:.1%}")
+        return " ".join(parts) + f" ({stats['masks']} masks)"
+
+    @classmethod
+    def rule_fields(cls, spec: TaskSpec) -> dict[str, str]:
+        return {f"area_fraction.{c}": NUMBER for c in spec.classes or ()}
+
+    @classmethod
+    def rule_value(cls, spec: TaskSpec, output: Mapping[str, Any], field: str) -> Any:
+        head, _, tail = field.partition(".")
+        return output[head][tail]
+
+    def draw_target(self, canvas: Canvas, target: Any) -> None:
+        canvas.mask(self.name, target.as_subclass(Tensor).cpu().numpy(), self.spec.classes or ())
+
+    def draw_output(self, canvas: Canvas, output: Mapping[str, Any]) -> None:
+        if output.get("mask") is not None and not isinstance(output["mask"], str):
+            canvas.mask(self.name, np.asarray(output["mask"]), self.spec.classes or ())
 
     # ---------------------------------------------------------------- model side
     @property

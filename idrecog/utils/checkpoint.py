@@ -1,12 +1,24 @@
-"""Loading weight files safely: safetensors, or torch files with ``weights_only=True`` (never arbitrary pickle)."""
+"""Checkpoint files: read safely (safetensors, or torch files with ``weights_only=True``, never arbitrary pickle)
+and written atomically (:func:`atomic_torch_save`, :class:`AtomicCheckpointIO`).
+
+Lightning writes checkpoints through an fsspec transaction whose temporary file lies in the system temp dir; when
+that is another filesystem the final move is a copy, so a kill mid-copy leaves a truncated ``last.ckpt``.
+:class:`AtomicCheckpointIO` writes ``<name>.tmp-<pid>`` beside the target, fsyncs it and ``os.replace``-s it: a
+reader sees the old file or the new one, never a part.
+"""
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
 from torch import Tensor
 
 from idrecog.errors import ConfigError
@@ -74,3 +86,56 @@ def _find_grid(hp: Any) -> tuple[int, int] | None:
     elif hasattr(hp, "__dict__"):
         return _find_grid(vars(hp))
     return None
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically: temporary file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    # the rename itself must reach the disk for the new name to survive a power cut
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic (remote URLs keep Lightning's own path)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        fs = get_filesystem(path)
+        fs.makedirs(os.path.dirname(str(path)), exist_ok=True)
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
+        # resuming reads a file the user pointed at: no arbitrary code from it (plain tensors and containers)
+        if not get_filesystem(path).exists(str(path)):
+            raise ConfigError(f"checkpoint not found: {path}")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ConfigError(
+                f"{path}: refused to load: the file needs arbitrary code to unpickle (weights_only=True): "
+                + str(e).splitlines()[0]
+            ) from None

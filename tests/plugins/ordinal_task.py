@@ -7,6 +7,7 @@ changes to add it. ``docs/task-types.md`` walks through it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from idrecog.data.catalogue import TaskSpec
-from idrecog.tasks import HeadContext, TaskType, register_task_type
+from idrecog.tasks import CLASS, NUMBER, HeadContext, TaskType, register_task_type
+from idrecog.tasks.catalogue import TaskSpec
 
 
 class OrdinalHead(nn.Module):
@@ -60,7 +61,7 @@ class Ordinal(TaskType):
     def load_target(self, value: Any, root: Path, image_size: tuple[int, int]) -> int:
         return self.spec.class_index(value)
 
-    def collate(self, targets: list[Any | None]) -> Tensor:
+    def collate(self, targets: list[Any | None], image_size: tuple[int, int]) -> Tensor:
         return torch.tensor([-1 if t is None else int(t) for t in targets], dtype=torch.long)
 
     def build_head(self, dim: int) -> nn.Module:
@@ -111,6 +112,17 @@ class Ordinal(TaskType):
             {"class": names[int(r)], "probabilities": {n: float(v) for n, v in zip(names, p, strict=True)}}
             for r, p in zip(self.predict(logits), self.class_probabilities(logits), strict=True)
         ]
+
+    # decision rules may test the predicted class (a name) or its rank (a number): `wear rank <= 1`
+    @classmethod
+    def rule_fields(cls, spec: TaskSpec) -> dict[str, str]:
+        return {"class": CLASS, "rank": NUMBER}
+
+    @classmethod
+    def rule_value(cls, spec: TaskSpec, output: Mapping[str, Any], field: str) -> Any:
+        if field == "rank":
+            return list(spec.classes or ()).index(output["class"])
+        return output[field]
 
     @classmethod
     def example_spec(cls) -> TaskSpec:

@@ -9,7 +9,7 @@ Chosen with ``data.task_resolver: classifier`` and ``data.resolver_args``::
 The classifier runs batched once per split (the eval transform) and its probabilities are cached on disk under
 ``cache_dir``, keyed by the checkpoint's content hash, the manifest's content hash, the classified sample ids and
 the mode, so a second run reads the cache ("cache hit"). Thresholds are applied after the cache: changing them
-needs no new pass. Recognition calls :meth:`ClassifierResolver.resolve_images` on its batch. See
+needs no new pass. Recognition calls :meth:`TaskResolver.resolve_batch`, which classifies the images without a doc type. See
 docs/task-resolution.md.
 """
 
@@ -20,20 +20,24 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from idrecog.data.catalogue import TaskCatalogue
 from idrecog.data.manifest import Sample
-from idrecog.data.resolvers import DocTypeResolver, TaskResolver, register_task_resolver
+from idrecog.data.resolution.base import (
+    TASK_CLASSIFIER,
+    DocTypeResolver,
+    Resolution,
+    TaskResolver,
+    register_task_resolver,
+)
 from idrecog.errors import ConfigError
-
-if TYPE_CHECKING:
-    from idrecog.lit.task_classifier import TaskClassifierModule
+from idrecog.models.task_classifier import TaskClassifier
+from idrecog.tasks.catalogue import TaskCatalogue
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ _ARG = "data.resolver_args"
 
 # per process: checkpoint content hashes by (path, mtime, size), loaded classifiers by (hash, device)
 _HASHES: dict[tuple[str, int, int], str] = {}
-_MODELS: dict[tuple[str, str], TaskClassifierModule] = {}
+_MODELS: dict[tuple[str, str], tuple[TaskClassifier, TaskCatalogue]] = {}
 
 
 def _info(msg: str) -> None:
@@ -96,7 +100,8 @@ def _check_threshold(threshold: Any, field: str = _ARG) -> None:
 
 @register_task_resolver
 class ClassifierResolver(TaskResolver):
-    """Tasks from a trained :class:`~idrecog.lit.task_classifier.TaskClassifierModule`.
+    """Tasks from a trained task classifier (:class:`~idrecog.models.task_classifier.TaskClassifier`, trained by
+    ``TaskClassifierModule``).
 
     Args:
         catalogue: the dataset's catalogue; the checkpoint's tasks must be the same (in any order).
@@ -165,8 +170,8 @@ class ClassifierResolver(TaskResolver):
         self.ckpt_sha = file_sha256(self.ckpt_path)
         #: what the last ``resolve`` did: split, counts, cache hit, agreement
         self.last_stats: dict[str, Any] = {}
-        self._model = self._load()
-        names = self._model.task_names
+        self._model, trained_on = self._load()
+        names = trained_on.names
         # the classifier's outputs in this catalogue's order
         self._order = torch.tensor([names.index(t) for t in catalogue.names])
 
@@ -194,11 +199,10 @@ class ClassifierResolver(TaskResolver):
         if isinstance(check, bool) or not isinstance(check, int) or check < 0:
             raise ConfigError(f"{field}.check must be an integer >= 0, got {check!r}")
 
-    def _load(self) -> TaskClassifierModule:
+    def _load(self) -> tuple[TaskClassifier, TaskCatalogue]:
         key = (self.ckpt_sha, str(self.device))
-        model = _MODELS.get(key)
-        if model is None:
-            from idrecog.lit.task_classifier import load_task_classifier
+        loaded = _MODELS.get(key)
+        if loaded is None:
             from idrecog.utils.checkpoint import load_checkpoint
 
             ckpt = load_checkpoint(self.ckpt_path, map_location="cpu")
@@ -208,19 +212,20 @@ class ClassifierResolver(TaskResolver):
                     f"{self.ckpt_path}: not a task-classifier checkpoint (no catalogue in its hparams)"
                 )
             self._check_tasks([str(t.get("name")) for t in stored["tasks"]])
-            model = load_task_classifier(ckpt, map_location=self.device)
+            net, trained_on = TaskClassifier.from_checkpoint(ckpt, where=str(self.ckpt_path))
+            loaded = (net.to(self.device), trained_on)
             _MODELS.clear()  # keep one classifier in memory
-            _MODELS[key] = model
+            _MODELS[key] = loaded
         else:
-            self._check_tasks(model.task_names)
-        mapping = model.catalogue.doc_types
+            self._check_tasks(loaded[1].names)
+        mapping = loaded[1].doc_types
         if self.catalogue.doc_types is not None and mapping != self.catalogue.doc_types:
             log.warning(
                 "%s: the classifier was trained on another doc_types mapping than %s",
                 self.ckpt_path,
                 self.catalogue.source,
             )
-        return model
+        return loaded
 
     def _check_tasks(self, ckpt_tasks: list[str]) -> None:
         ours = self.catalogue.names
@@ -251,12 +256,19 @@ class ClassifierResolver(TaskResolver):
         names = self.catalogue.names
         return [[names[j] for j in row.nonzero().flatten().tolist()] for row in hit]
 
-    def resolve_images(self, images: Tensor) -> list[list[str]]:
+    def classify_images(self, images: Tensor) -> list[list[str]]:
         """images: [N, 3, H, W] ImageNet-normalised (as the DataModule and the recognizer make them) -> task names
-        per image, in catalogue order. For recognition of images without a doc type."""
+        per image, in catalogue order."""
         if images.ndim == 3:
             images = images.unsqueeze(0)
         return self.apply_thresholds(self.predict_proba(images))
+
+    def resolve_unknown(
+        self, images: Tensor | None, outputs: Sequence[Mapping[str, Any]] | None
+    ) -> list[Resolution]:
+        if images is None:
+            raise ConfigError(f"task resolver {self.name!r} needs the images")
+        return [Resolution(tasks, TASK_CLASSIFIER) for tasks in self.classify_images(images)]
 
     def _classify(self, samples: list[Sample]) -> Tensor:
         """probabilities [N, T] (catalogue order) of the samples' images, read with the eval transform."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from idrecog.data.catalogue import TaskCatalogue
+from idrecog.tasks.catalogue import TaskCatalogue
+from idrecog.tasks.registry import create_task_type
 
 
 class PrecollatedBatches(torch.utils.data.Dataset):
@@ -31,57 +35,46 @@ def precollated_loader(batches: list[dict]) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(PrecollatedBatches(batches), batch_size=None, collate_fn=_identity)
 
 
+def _to(value: object, device: str | torch.device) -> object:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    return value
+
+
 def make_random_batch(
     catalogue: TaskCatalogue,
     batch_size: int,
     img_size: tuple[int, int],
     *,
     present_prob: float = 1.0,
-    boxes_per_sample: int = 4,
     num_angles: int = 2,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """A batch with random images and labels for every catalogue task.
+    """A batch with random images and example labels for every catalogue task.
 
-    images: [B, 3, H, W]; present: [B, T] with probability ``present_prob``; targets in each type's collated format.
+    images: [B, 3, H, W]; present: [B, T] with probability ``present_prob``; targets: each task type's
+    ``example_target`` (its collated format), so plug-in types work too.
     """
     g = generator or torch.Generator().manual_seed(0)
     h, w = img_size
     b, t = batch_size, len(catalogue)
     present = torch.rand(b, t, generator=g) < present_prob
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
     targets: dict[str, object] = {}
     for i, spec in enumerate(catalogue.tasks):
-        col = present[:, i]
-        if spec.type == "classification":
-            y = torch.randint(0, spec.num_classes, (b,), generator=g)
-            targets[spec.name] = torch.where(col, y, torch.full_like(y, -1))
-        elif spec.type == "regression":
-            y = torch.rand(b, generator=g)
-            targets[spec.name] = torch.where(col, y, torch.full_like(y, float("nan")))
-        elif spec.type == "segmentation":
-            m = torch.randint(0, spec.num_classes, (b, h, w), generator=g)
-            m[~col] = 255
-            targets[spec.name] = m
-        elif spec.type == "detection":
-            dets: list[dict[str, Tensor] | None] = []
-            for j in range(b):
-                if not col[j]:
-                    dets.append(None)
-                    continue
-                xy = torch.rand(boxes_per_sample, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-                wh = (torch.rand(boxes_per_sample, 2, generator=g) * 0.25 + 0.05) * torch.tensor([w, h])
-                boxes = torch.cat([xy, (xy + wh).clamp(max=torch.tensor([w, h]))], dim=1)
-                labels = torch.randint(0, spec.num_classes, (boxes_per_sample,), generator=g)
-                dets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-            targets[spec.name] = dets
-        else:  # a plugin type: its own example label, collated
-            raise NotImplementedError(f"make_random_batch does not know task type {spec.type!r}")
+        # each task type makes its own example labels (any registered type, plug-ins included)
+        target = create_task_type(spec).example_target(present[:, i].tolist(), (h, w), seed=seed + 97 * i)
+        targets[spec.name] = _to(target, device)
     batch = {
         "image": torch.randn(b, 3, h, w, generator=g).to(device),
         "applies": torch.ones(b, t, dtype=torch.bool, device=device),
         "present": present.to(device),
-        "targets": {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in targets.items()},
+        "targets": targets,
         "ids": [f"r{j}" for j in range(b)],
         "doc_type": [None] * b,
     }
@@ -92,3 +85,26 @@ def make_random_batch(
             "mask": torch.ones(b, 1 + num_angles, dtype=torch.bool, device=device),
         }
     return batch
+
+
+def multipart_body(
+    files: Sequence[tuple[str, str, bytes]],
+    fields: dict[str, str] | None = None,
+    boundary: str = "idrecogBoundary7",
+) -> tuple[bytes, str]:
+    """Encode a multipart/form-data body with the standard library (the load benchmark's client, tests).
+
+    files: (field, filename, bytes) triples. Returns (body, content type).
+    """
+    out = io.BytesIO()
+    for name, value in (fields or {}).items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
+        out.write(value.encode() + b"\r\n")
+    for name, filename, data in files:
+        out.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+        )
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"

@@ -2,7 +2,7 @@
 
 ``idrecog pretrain`` takes no sub-command: the CLI is built with ``run=False`` and this module calls
 ``trainer.fit`` itself (``--ckpt_path`` resumes). Without ``--config`` it reads the packaged default,
-``idrecog/configs/pretrain_mae.yaml`` (the same file as ``lightning_configs/pretrain_mae.yaml``); every other
+``idrecog/configs/pretrain_mae.yaml`` (write a copy to edit with ``idrecog pretrain --print_config``); every other
 LightningCLI option works as usual (``--print_config``, ``--trainer.max_steps=...``, ``--model.mask_ratio=...``).
 """
 

@@ -17,12 +17,12 @@ from typing_extensions import override
 from idrecog.data.datamodule import IdDataModule
 from idrecog.errors import ConfigError, IdrecogError
 
-# Shorthands for the task-query designs: `--model.queries=learned` instead of a class path.
-QUERY_SHORTHANDS = {
-    "learned": "idrecog.models.queries.LearnedQueries",
-    "text": "idrecog.models.queries_text.TextQueries",
-    "multimodal": "idrecog.models.multimodal.MultimodalQueries",
-}
+
+def query_shorthands() -> dict[str, str]:
+    """``--model.queries=NAME`` for every registered query provider: name -> class path."""
+    from idrecog.models.queries import QUERY_PROVIDERS
+
+    return {name: QUERY_PROVIDERS.class_path(name) for name in QUERY_PROVIDERS.names()}
 
 
 def _catalogue_dict(dm: IdDataModule) -> dict[str, Any]:
@@ -101,7 +101,8 @@ class IdrecogCLI(LightningCLI):
         # atomically and read with weights_only=True (a user's own CheckpointIO plug-in is kept)
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-        from idrecog.reliability.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
+        from idrecog.callbacks.reliability import PreemptionCheckpoint
+        from idrecog.utils.checkpoint import AtomicCheckpointIO
 
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # type: ignore[attr-defined]
@@ -109,6 +110,35 @@ class IdrecogCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def _configure_data(self) -> None:
+        """Before the trainer runs: the DataModule learns what the model needs (frames, user vocabularies)
+        before any dataset is built, and the data reports that apply join the trainer's callbacks."""
+        from idrecog.callbacks.data_reports import MaskedLabelReport, SkipReport
+
+        dm, model = self.datamodule, self.model
+        needs = getattr(model, "data_requirements", None)
+        if callable(needs) and callable(getattr(dm, "configure", None)):
+            dm.configure(**needs())
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        catalogue = getattr(dm, "catalogue", None)
+        if catalogue is not None and any(s.uses_frames for s in catalogue):
+            if not any(isinstance(c, MaskedLabelReport) for c in callbacks):
+                callbacks.append(MaskedLabelReport(catalogue))
+        if getattr(dm, "on_error", None) == "skip" and not any(isinstance(c, SkipReport) for c in callbacks):
+            callbacks.append(SkipReport())
+
+    def before_fit(self) -> None:
+        self._configure_data()
+
+    def before_validate(self) -> None:
+        self._configure_data()
+
+    def before_test(self) -> None:
+        self._configure_data()
+
+    def before_predict(self) -> None:
+        self._configure_data()
 
     def _print_table(self, title: str) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
@@ -141,7 +171,7 @@ def query_design(class_path: str | None) -> str:
     """A provider class path -> its shorthand (``learned``, ``text``, ``multimodal``), else the class name."""
     if not class_path:
         return "learned"
-    for short, path in QUERY_SHORTHANDS.items():
+    for short, path in query_shorthands().items():
         if class_path in (path, short):
             return short
     return str(class_path).rpartition(".")[2]
@@ -175,14 +205,15 @@ def name_wandb_runs(cfg: Any) -> None:
 
 
 def expand_shorthands(argv: list[str]) -> list[str]:
-    """Rewrite ``--model.queries=learned|text|multimodal`` to the provider's class path."""
+    """Rewrite ``--model.queries=learned|text|multimodal`` (any registered provider) to its class path."""
+    shorthands = query_shorthands()
     out = []
     for i, a in enumerate(argv):
         if a.startswith("--model.queries="):
             key, val = a.split("=", 1)
-            a = f"{key}={QUERY_SHORTHANDS.get(val, val)}"
+            a = f"{key}={shorthands.get(val, val)}"
         elif i and argv[i - 1] == "--model.queries":  # the value of the two-word form
-            a = QUERY_SHORTHANDS.get(a, a)
+            a = shorthands.get(a, a)
         out.append(a)
     return out
 

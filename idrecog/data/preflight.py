@@ -19,10 +19,18 @@ from typing import Any
 
 from PIL import Image
 
-from idrecog.data.catalogue import TaskCatalogue
+from idrecog.data.manifest import Sample, iter_manifest, read_manifest
 from idrecog.errors import DataFormatError
+from idrecog.tasks.catalogue import TaskCatalogue
 
-__all__ = ["PREFLIGHT_VERSION", "PreflightResult", "classify_problem", "default_cache_dir", "preflight_scan"]
+__all__ = [
+    "PREFLIGHT_VERSION",
+    "PreflightResult",
+    "SplitReader",
+    "classify_problem",
+    "default_cache_dir",
+    "preflight_scan",
+]
 
 PREFLIGHT_VERSION = 1  # bump when the checks change, so old cache entries are not trusted
 
@@ -180,3 +188,91 @@ def preflight_scan(
         except OSError:
             pass  # caching is an optimisation: a read-only home must not stop training
     return out
+
+
+class SplitReader:
+    """Reads the splits of a dataset folder under a ``data.on_error`` policy (docs/reliability.md).
+
+    ``raise``: a pre-flight scan of each split (cached) stops on the first problem, naming file, line and field.
+    ``skip``: lines the scan flagged (or, without a scan, malformed lines) are dropped and counted by reason in
+    :attr:`skipped`. ``mask``: no scan; the manifest is read as it is.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        catalogue: TaskCatalogue,
+        *,
+        on_error: str = "raise",
+        preflight: bool = True,
+        cache_dir: str | Path | None = None,
+        allow_external_paths: bool = False,
+        max_image_pixels: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.catalogue = catalogue
+        self.on_error = on_error
+        self.preflight = preflight
+        self.cache_dir = cache_dir
+        self.allow_external_paths = allow_external_paths
+        self.max_image_pixels = max_image_pixels
+        #: {split: {reason: samples}} dropped under ``on_error: skip``
+        self.skipped: dict[str, dict[str, int]] = {}
+        self._scans: dict[str, PreflightResult] = {}
+
+    def scan(self, split: str) -> PreflightResult | None:
+        """Scan ``split`` once (cached on disk); ``raise``: stop on the first problem; ``skip``: count them."""
+        if not self.preflight or self.on_error not in ("raise", "skip"):
+            return None
+        if split in self._scans:
+            return self._scans[split]
+        from lightning.pytorch.utilities import rank_zero_info
+
+        res = preflight_scan(
+            self.root,
+            split,
+            self.catalogue,
+            allow_external_paths=self.allow_external_paths,
+            max_image_pixels=self.max_image_pixels,
+            cache_dir=self.cache_dir,
+        )
+        self._scans[split] = res
+        if not res.problems:
+            return res
+        if self.on_error == "raise":
+            first = res.problems[0]
+            more = f" ({len(res.problems)} problem(s) in {split}.jsonl; `idrecog data check {self.root}` lists them all"
+            raise DataFormatError(
+                f"{first.message}{more}; data.on_error: skip drops such samples)",
+                file=first.file,
+                line=first.line,
+                field=first.field,
+            )
+        self.skipped[split] = res.counts
+        rank_zero_info(
+            f"[data] {split}: pre-flight scan{' (cached)' if res.cached else ''}: skipping "
+            f"{len(res.bad_lines)} sample(s): "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(res.counts.items()))
+        )
+        return res
+
+    def read(self, split: str) -> list[Sample]:
+        """The split's samples; under ``skip``, without malformed lines and lines the pre-flight scan flagged."""
+        scan = self.scan(split)
+        path = self.root / f"{split}.jsonl"
+        if self.on_error != "skip":
+            return read_manifest(path, self.catalogue, allow_external_paths=self.allow_external_paths)
+        if not path.is_file():
+            raise DataFormatError("manifest not found", file=path)
+        bad = scan.bad_lines if scan is not None else {}
+        out = []
+        for item in iter_manifest(path, self.catalogue, allow_external_paths=self.allow_external_paths):
+            if isinstance(item, DataFormatError):
+                if scan is None:  # no pre-flight: count manifest-level problems here
+                    counts = self.skipped.setdefault(split, {})
+                    reason = classify_problem(item)
+                    counts[reason] = counts.get(reason, 0) + 1
+                continue
+            if item.line not in bad:
+                out.append(item)
+        return out

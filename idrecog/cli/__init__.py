@@ -15,30 +15,30 @@ from collections.abc import Callable, Sequence
 
 # command -> ("module:function", one-line help). Each function takes argv (after the command) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("idrecog.lit.cli:run_unified", "train the unified model (LightningCLI)"),
-    "validate": ("idrecog.lit.cli:run_unified", "validate the unified model (LightningCLI)"),
-    "test": ("idrecog.lit.cli:run_unified", "test the unified model (LightningCLI)"),
-    "predict": ("idrecog.lit.cli:run_unified", "batch prediction to JSONL (LightningCLI)"),
+    "fit": ("idrecog.cli.train:run_unified", "train the unified model (LightningCLI)"),
+    "validate": ("idrecog.cli.train:run_unified", "validate the unified model (LightningCLI)"),
+    "test": ("idrecog.cli.train:run_unified", "test the unified model (LightningCLI)"),
+    "predict": ("idrecog.cli.train:run_unified", "batch prediction to JSONL (LightningCLI)"),
     "pretrain": (
-        "idrecog.lit.mae_cli:run_pretrain",
+        "idrecog.cli.pretrain:run_pretrain",
         "MAE self-supervised pretraining of the encoder (LightningCLI)",
     ),
     "export-encoder": (
-        "idrecog.lit.mae_cli:export_encoder_main",
+        "idrecog.cli.pretrain:export_encoder_main",
         "write encoder weights in timm format (safetensors)",
     ),
-    "synth": ("idrecog.synth.cli:main", "generate the synthetic identity-document benchmark"),
-    "data": ("idrecog.data.cli:main", "dataset tools: `data check DIR`, `data show DIR --out grid.png`"),
+    "synth": ("idrecog.cli.synth:main", "generate the synthetic identity-document benchmark"),
+    "data": ("idrecog.cli.data:main", "dataset tools: `data check DIR`, `data show DIR --out grid.png`"),
     "recognize": (
-        "idrecog.recognition.cli:recognize_main",
+        "idrecog.cli.recognition:recognize_main",
         "recognise document images: one JSON object per image",
     ),
-    "export": ("idrecog.recognition.cli:export_main", "export the multi-task model (ONNX or TorchScript)"),
+    "export": ("idrecog.cli.recognition:export_main", "export the multi-task model (ONNX or TorchScript)"),
     "compare": (
-        "idrecog.compare:main",
+        "idrecog.cli.compare:main",
         "compare runs (CSV logs or offline W&B folders): Markdown table + bar chart",
     ),
-    "serve": ("idrecog.recognition.cli:serve_main", "HTTP service: POST /recognize, GET /health"),
+    "serve": ("idrecog.cli.recognition:serve_main", "HTTP service: POST /recognize, GET /health"),
 }
 
 
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         fn = _resolve(COMMANDS[command][0])
         # training commands take the sub-command too (LightningCLI parses it)
-        code = fn([command, *rest]) if COMMANDS[command][0].startswith("idrecog.lit.cli:") else fn(rest)
+        code = fn([command, *rest]) if COMMANDS[command][0].startswith("idrecog.cli.train:") else fn(rest)
     except IdrecogError as e:
         if debug:
             raise

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from idrecog.data.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
 from idrecog.errors import ConfigError, DataFormatError
+from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
 
 __all__ = ["Run", "find_runs", "main", "write_report"]
 
@@ -39,7 +39,7 @@ class Run:
 
 
 def _design_of(config: dict[str, Any]) -> str:
-    from idrecog.lit.cli import query_design
+    from idrecog.cli.train import query_design
 
     model = config.get("model") or {}
     if isinstance(model, dict) and "value" in model and isinstance(model["value"], dict):

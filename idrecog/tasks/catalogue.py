@@ -19,14 +19,14 @@ Format (``DIR/tasks.yaml``), documented in ``docs/data-format.md``::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from idrecog.errors import DataFormatError
+from idrecog.errors import ConfigError, DataFormatError
 
 FRAME_KINDS = ("single", "multi")
 USES = ("flash", "angles", "user")
@@ -118,11 +118,18 @@ class TaskCatalogue:
 
     @property
     def doc_type_task(self) -> str | None:
-        """The classification task whose classes are the ``doc_types`` (a doc-type classifier), if any."""
+        """The task whose predicted class names a doc type (a doc-type classifier: its type ``predicts_class`` and
+        its classes are among the ``doc_types``), if any."""
+        from idrecog.tasks.registry import get_task_type_class
+
         if not self.doc_types:
             return None
         for spec in self.tasks:
-            if spec.type == "classification" and spec.classes and set(spec.classes) <= set(self.doc_types):
+            if (
+                spec.classes
+                and set(spec.classes) <= set(self.doc_types)
+                and get_task_type_class(spec.type).predicts_class
+            ):
                 return spec.name
         return None
 
@@ -201,7 +208,7 @@ def _str_list(value: Any, source: str, fld: str) -> list[str]:
 
 
 def _parse(data: Any, source: str) -> TaskCatalogue:
-    from idrecog.tasks.registry import get_task_type_class, is_task_type, list_task_types
+    from idrecog.tasks.registry import get_task_type_class
 
     if not isinstance(data, Mapping):
         raise _err(source, "<root>", "must be a mapping with a 'tasks' list")
@@ -232,12 +239,12 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
         seen.add(name)
         fld = f"tasks[{i}] ({name})"
         ttype = t.get("type")
-        if not isinstance(ttype, str) or not is_task_type(ttype):
-            raise _err(
-                source,
-                f"{fld}.type",
-                f"unknown task type {ttype!r}; registered: {', '.join(list_task_types())}",
-            )
+        if not isinstance(ttype, str):
+            raise _err(source, f"{fld}.type", f"must be a task type name, got {ttype!r}")
+        try:
+            type_cls = get_task_type_class(ttype)
+        except ConfigError as e:
+            raise _err(source, f"{fld}.type", str(e)) from None
         frames = t.get("frames", "single")
         if frames not in FRAME_KINDS:
             raise _err(source, f"{fld}.frames", f"must be one of {FRAME_KINDS}, got {frames!r}")
@@ -275,7 +282,7 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
             options=dict(options),
         )
         try:
-            get_task_type_class(ttype).validate_spec(spec)
+            type_cls.validate_spec(spec)
         except ValueError as e:
             raise _err(source, fld, str(e)) from None
         tasks.append(spec)
@@ -303,7 +310,3 @@ def default_catalogue() -> TaskCatalogue:
 
     text = files("idrecog").joinpath("configs/synthetic_tasks.yaml").read_text()
     return TaskCatalogue.from_dict(yaml.safe_load(text), source="idrecog/configs/synthetic_tasks.yaml")
-
-
-def iter_class_names(specs: Iterable[TaskSpec]) -> dict[str, tuple[str, ...]]:
-    return {s.name: s.classes or () for s in specs}

@@ -27,13 +27,13 @@ TASK_RESOLVER_HELP = (
     "task classifier for images without a doc type: {task_classifier_ckpt: PATH, threshold: 0.5 or "
     "{task: p}, device: as --device} (docs/task-resolution.md); default: the model's own doc-type head"
 )
-# what resolve_images uses (mode, cache and loader settings are for datasets)
+# what classify_images uses (mode, cache and loader settings are for datasets)
 RESOLVER_KEYS = ("task_classifier_ckpt", "threshold", "device")
 
 
 def _check_task_resolver(spec: dict[str, Any] | None) -> dict[str, Any] | None:
     """Fail on bad ``--task_resolver`` arguments (a missing checkpoint included) before any model is loaded."""
-    from idrecog.data.classifier_resolver import ClassifierResolver
+    from idrecog.data.resolution.classifier import ClassifierResolver
 
     if spec is None:
         return None
@@ -52,7 +52,7 @@ def _check_task_resolver(spec: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _attach_task_resolver(rec: Any, kwargs: dict[str, Any] | None, device: str) -> None:
-    from idrecog.data.classifier_resolver import ClassifierResolver
+    from idrecog.data.resolution.classifier import ClassifierResolver
 
     if kwargs is not None:
         kwargs = {"device": device, **kwargs, "field": "--task_resolver"}

@@ -1,0 +1,7 @@
+"""``python -m idrecog.cli`` runs the ``idrecog`` command."""
+
+import sys
+
+from idrecog.cli import main
+
+sys.exit(main())
