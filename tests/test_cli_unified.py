@@ -23,6 +23,8 @@ FRAGMENTS = {
     "queries/text.yaml": "unified.yaml",
     "queries/multimodal.yaml": "unified.yaml",
     "encoders/hybrid.yaml": "unified.yaml",
+    "antifraud/detail.yaml": "unified.yaml",
+    "antifraud/hires.yaml": "unified.yaml",
 }
 
 # a tiny model for CPU tests, as command-line overrides of unified.yaml

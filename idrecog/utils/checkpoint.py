@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{path}: refused to load: the file needs arbitrary code to unpickle (weights_only=True): "
                 + str(e).splitlines()[0]
             ) from None
+
+
+def plain(value: Any) -> Any:
+    """Mappings to dicts and sequences to lists, recursively: hyper-parameters as builtins, since
+    ``weights_only=True`` refuses the classes jsonargparse and Lightning wrap them in (Namespace, AttributeDict)."""
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
