@@ -1,9 +1,11 @@
 """What the benchmark scripts share, one copy each: random batches in the DataModule's batch contract (also for
 tests that measure the model alone), the time budget and its guard, a step timer, a quiet Trainer, run configs
-derived from ``lightning_configs/unified.yaml`` and the synthetic dataset they train on."""
+derived from ``lightning_configs/unified.yaml``, the synthetic dataset they train on, and the options and model of
+the CPU benchmarks."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import io
 import itertools
@@ -28,6 +30,8 @@ from idrecog.tasks.registry import create_task_type
 if TYPE_CHECKING:
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.cli import LightningCLI
+
+    from idrecog.lit.unified import UnifiedModule
 
 REPO = Path(__file__).resolve().parents[1]
 UNIFIED_CONFIG = REPO / "lightning_configs" / "unified.yaml"
@@ -408,3 +412,67 @@ def ensure_dataset(
             progress=progress,
         )
     return root
+
+
+# ---------------------------------------------------------------------------------------------- CPU benchmarks
+def cpu_parser(doc: str, *, batch: int, quick: str) -> argparse.ArgumentParser:
+    """The options the CPU benchmarks (overhead, scaling, data_pipeline, unified_vs_separate) share: batch, the
+    default config's model at an encoder depth and decoder width, torch threads, ``--quick`` (``quick`` says what
+    it sets) and ``--smoke``. Each script adds its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--img_size", type=int, nargs=2, default=[160, 256])
+    p.add_argument("--depth", type=int, default=4, help="encoder depth (default config: 4)")
+    p.add_argument("--dec_dim", type=int, default=128, help="decoder width (default config: 128)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--smoke", action="store_true", help="a tiny setting that only checks the script works")
+    return p
+
+
+def parse_cpu_args(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None, *, quick: dict[str, Any], smoke: dict[str, Any]
+) -> argparse.Namespace:
+    """Parse a ``cpu_parser``'s arguments: ``--quick`` sets the values in ``quick``; ``--smoke`` those in ``smoke``
+    and a tiny model (64 x 96 images, one encoder block, a 64-wide decoder, one thread)."""
+    args = p.parse_args(argv)
+    if args.quick:
+        vars(args).update(quick)
+    if args.smoke:
+        vars(args).update({"img_size": [64, 96], "depth": 1, "dec_dim": 64, "threads": 1, **smoke})
+    return args
+
+
+def small_unified(
+    catalogue: TaskCatalogue,
+    img_size: Sequence[int],
+    depth: int,
+    dec_dim: int,
+    *,
+    seed: int = 0,
+    det_queries: int = 16,
+    **module: Any,
+) -> UnifiedModule:
+    """The default CPU config's model (lightning_configs/unified.yaml: ViT-Tiny, decoder of 2 blocks x 4 heads) at
+    encoder depth ``depth`` and decoder width ``dec_dim``, its weights drawn from ``seed``; ``module``: more
+    UnifiedModule arguments (encoder lr scale 1.0 and layer decay 0.9 unless given)."""
+    from idrecog.lit.unified import UnifiedModule
+    from idrecog.models.decoder import TaskDecoder
+    from idrecog.models.encoder import ViTEncoder
+
+    torch.manual_seed(seed)
+    return UnifiedModule(
+        catalogue=catalogue.to_dict(),
+        encoder=ViTEncoder("vit_tiny_patch16_224", img_size=tuple(img_size), depth=depth, drop_path_rate=0.0),
+        decoder=TaskDecoder(dim=dec_dim, depth=2, num_heads=4),
+        task_options={"detection": {"num_queries": det_queries}}
+        if "detection" in catalogue.types()
+        else None,
+        **{"encoder_lr_scale": 1.0, "layer_decay": 0.9, **module},
+    )
+
+
+def plain_loss(module: UnifiedModule, batch: dict[str, Any]) -> Tensor:
+    """What ``UnifiedModule._shared_step`` computes for the gradient, without logging or meters."""
+    out = module.model(batch["image"], batch=batch, route="known")
+    return module.compute_losses(out, batch)[0]
