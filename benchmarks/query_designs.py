@@ -277,6 +277,13 @@ def default_combine(design: str) -> str | None:
     return None if cls is None else inspect.signature(cls).parameters["combine"].default
 
 
+def skipped_run(design: str, seed: int, why: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A run that did not train (``why``); it carries the design's settings that ``label`` names."""
+    mode = args.image_mode if design == "multimodal" else None
+    combine = args.combine if design in ("text", "multimodal") else None
+    return {"design": design, "seed": seed, "image_mode": mode, "combine": combine, "skipped": why}
+
+
 def label(r: dict[str, Any]) -> str:
     """A run's row name: the design, plus its settings where they differ from the defaults (multimodal frame
     encoding, how text/multimodal combine the condition)."""
@@ -542,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.budget or 300,
     }
     results: list[dict[str, Any]] = []
+
+    def skipped(design: str, seed: int, why: str) -> dict[str, Any]:
+        return skipped_run(design, seed, why, args)
+
     try:
         steps = args.budget or 300
         overhead_s = 5.0  # per run, besides training (measured by the probe under --time-budget)
@@ -601,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (design, seed) in enumerate(runs):
             share = (left() - REPORT_RESERVE_S) / (len(runs) - i)
             if bounded and share < 10:
-                results.append({"design": design, "seed": seed, "skipped": "no time left"})
+                results.append(skipped(design, seed, "no time left"))
                 continue
             try:
                 # the Timer counts training only: start-up and validation come out of the share first
@@ -611,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             except Exception as e:  # one design failing must not lose the others' results
                 traceback.print_exc()
-                results.append({"design": design, "seed": seed, "skipped": f"error: {e!r:.200}"})
+                results.append(skipped(design, seed, f"error: {e!r:.200}"))
                 continue
             results.append(r)
             m = r["metrics"]
@@ -630,9 +641,9 @@ def main(argv: list[str] | None = None) -> int:
         if bounded and hasattr(signal, "SIGALRM"):
             signal.setitimer(signal.ITIMER_REAL, 0)
     for d, s in runs[len(results) :]:
-        results.append({"design": d, "seed": s, "skipped": "time budget"})
+        results.append(skipped(d, s, "time budget"))
     for s in meta.get("seeds_dropped", []):
-        results += [{"design": d, "seed": s, "skipped": "--min-steps"} for d in args.designs]
+        results += [skipped(d, s, "--min-steps") for d in args.designs]
     meta["wall_s"] = time.monotonic() - T_START
     md = write_outputs(out, results, baselines, meta)
     print("\n" + md + "\n", flush=True)

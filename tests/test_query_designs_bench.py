@@ -66,3 +66,15 @@ def test_set_overrides_the_design_options(tmp_path: Path) -> None:
     assert argv.index("--model.queries.image_mode=separate") > argv.index(
         f"--model.queries.image_mode={args.image_mode}"
     )
+
+
+def test_a_skipped_run_is_named_like_a_trained_one() -> None:
+    # rows of runs the budget skipped go into the same table: a multimodal one names its image mode
+    args = qd.parse_args(["--image-mode", "separate"])
+    assert qd.label(qd.skipped_run("multimodal", 1, "time budget", args)) == "multimodal (separate)"
+    assert qd.label(qd.skipped_run("learned", 1, "time budget", args)) == "learned"
+    assert "skipped: time budget" in qd.markdown(
+        [qd.skipped_run("multimodal", 0, "time budget", qd.parse_args([]))],
+        {},
+        {"steps": 3, "args": vars(args), "device": "cpu", "text_model": "none"},
+    )
