@@ -53,10 +53,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: Any) -> Iterator[int]:
+def running(app: Any, log_level: str = "warning") -> Iterator[int]:
     """``app`` served by uvicorn in a thread on a free loopback port, until /ready; stopped on exit."""
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
