@@ -442,7 +442,10 @@ def create_app(
         metrics.refusals.labels(reason).inc()
         rid = getattr(request.state, "request_id", None)
         log.info("request %s refused: %d %s", rid, status, reason)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        if status in (408, 413):
+            # the rest of the body is unwanted (or never coming): close rather than wait for it to drain
+            headers["Connection"] = "close"
         return JSONResponse({"detail": message, "request_id": rid}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestError)
