@@ -301,3 +301,31 @@ def test_fuzzed_headers_never_get_a_5xx(client, ctype, auth, api_key, length):
         headers["Content-Length"] = length
     r = client.post("/recognize", content=body, headers=headers)
     assert r.status_code < 500, (r.status_code, r.text)
+
+
+class _FullDisk:
+    def seek(self, *a: object) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_decision_that_cannot_be_audited_is_not_answered(recognizer, tmp_path):
+    audit = AuditLog(AuditSettings(path=str(tmp_path / "a.jsonl")), recognizer.provenance())
+    with TestClient(create_app(recognizer, FAST, keys=keystore(), audit=audit)) as c:
+        body, h = _form()
+        assert c.post("/recognize", content=body, headers={**h, "X-API-Key": KEY}).status_code == 200
+        audit.handler.stream = _FullDisk()
+        r = c.post("/recognize", content=body, headers={**h, "X-API-Key": KEY})
+    assert r.status_code == 500
+    assert "audit log" in r.json()["detail"] and "recognition" not in r.json()

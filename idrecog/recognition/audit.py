@@ -43,11 +43,15 @@ class AuditSettings:
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """Opens each new file with mode 0600: audit lines say who was checked, and when."""
+    """Opens each new file with mode 0600 (audit lines say who was checked, and when), and lets a failed write
+    raise instead of printing it: a decision that cannot be audited is not answered."""
 
     def _open(self):  # type: ignore[no-untyped-def]
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return os.fdopen(fd, "a", encoding=self.encoding or "utf-8")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise  # called from the except block of emit(): re-raise its exception
 
 
 class AuditLog:
@@ -89,7 +93,8 @@ class AuditLog:
         client_id: str | None = None,
         user: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """One line: ``outcome`` is ``decision`` (``record`` is the recognize object) or ``error``."""
+        """One line: ``outcome`` is ``decision`` (``record`` is the recognize object) or ``error``. Raises
+        (OSError, ...) when the line could not be written."""
         line: dict[str, Any] = {
             "request_id": request_id,
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),

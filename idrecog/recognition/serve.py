@@ -649,14 +649,25 @@ def create_app(
         decision = (record.get("recognition") or {}).get("decision") or "none"
         metrics.decisions.labels(decision).inc()
         if audit is not None:
-            audit.write(
-                request_id=rid,
-                key_id=key_id,
-                outcome="decision",
-                record=record,
-                client_id=client_id,
-                user=user,
-            )
+            try:
+                audit.write(
+                    request_id=rid,
+                    key_id=key_id,
+                    outcome="decision",
+                    record=record,
+                    client_id=client_id,
+                    user=user,
+                )
+            except Exception as e:  # fail closed: no decision leaves the server without its audit line
+                log.error("request %s: the audit line could not be written", rid, exc_info=e)
+                metrics.errors.inc()
+                return JSONResponse(
+                    {
+                        "detail": f"request {rid}: the decision could not be written to the audit log",
+                        "request_id": rid,
+                    },
+                    status_code=500,
+                )
         body = {"request_id": rid, **record}
         body["timing"] = {**timing, "server_ms": (time.perf_counter() - t0) * 1000.0}
         return JSONResponse(body)
