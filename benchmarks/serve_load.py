@@ -76,6 +76,7 @@ def main() -> None:
         str(port),
         "--limits",
         limits,
+        "--insecure",  # loopback only; benchmarks/serve_production.py measures the server with API keys
     ]
     server = subprocess.Popen(cmd)
     try:
