@@ -17,6 +17,7 @@ from idrecog.data.resolution import DocTypeHeadResolver, Resolution, TaskResolve
 from idrecog.errors import ConfigError
 from idrecog.recognition.rules import RuleSet, load_rules
 from idrecog.tasks.catalogue import TaskCatalogue
+from idrecog.utils.checkpoint import file_sha256
 
 
 @dataclass
@@ -243,14 +244,6 @@ class Recognizer:
             names = None if images is None else images[i : i + self.batch_size]
             out += self.recognize_batch(chunk, names)
         return out
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
