@@ -1,4 +1,5 @@
-"""The table of ``benchmarks/gpu_config_seeds.sh``: one row per run (its log and CSV metrics under WORK).
+"""The table of ``benchmarks/gpu_config_seeds.sh`` and ``benchmarks/gpu_antifraud.sh``: one row per run (its log
+and CSV metrics under WORK).
 
 python -m benchmarks.config_seeds_table runs/gpu_cs
 """
@@ -18,8 +19,14 @@ COLUMNS = [  # (header, task, metric) read from the `idrecog test` table
     ("visibility acc", "visibility", "accuracy"),
     ("fields mAP@50", "fields", "map_50"),
     ("tampering F1", "tampering", "f1_macro"),
+    ("tampering APCER", "tampering", "apcer"),
+    ("tampering BPCER", "tampering", "bpcer"),
     ("hologram acc", "hologram", "accuracy"),
     ("nationality_match acc", "nationality_match", "accuracy"),
+    ("presentation_attack F1", "presentation_attack", "f1_macro"),
+    ("presentation_attack acc", "presentation_attack", "accuracy"),
+    ("presentation_attack APCER", "presentation_attack", "apcer"),
+    ("presentation_attack BPCER", "presentation_attack", "bpcer"),
 ]
 
 

@@ -1,6 +1,6 @@
-"""Positive control for the tampering task: can a model learn it from these 160 x 256 images at all, and which?
+"""Positive control for the tampering task: can a model learn it from the benchmark's images at all, and which?
 
-The unified model sits on tampering's majority class (docs/results.md). This trains single-task tampering
+This trains single-task tampering
 classifiers on the same training split, for the same wall-clock budget each, with class-balanced cross-entropy
 (inverse class frequency, so no model can score by predicting the majority), and reports the validation macro F1
 (torchmetrics, as the unified model's ``val/tampering/f1``):
@@ -13,6 +13,7 @@ classifiers on the same training split, for the same wall-clock budget each, wit
 
     python -m benchmarks.tampering_control --models cnn vit hybrid --seconds 480 --threads 2
     python -m benchmarks.tampering_control --root BIGGER_SET --models cnn --seconds 960 --min-quality 0.6
+    python -m benchmarks.tampering_control --root data/synthetic_hires --img-size 320 512 --models cnn --device cuda
 
 Prints one line per validation and a table at the end; ``--out FILE`` writes the results as JSON.
 """
@@ -65,7 +66,7 @@ def _tampering_batch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, t: int, num_classes: int, min_quality: float | None = None
+    model: nn.Module, loader, t: int, num_classes: int, min_quality: float | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     model.eval()
     f1 = MulticlassF1Score(num_classes, average="macro")
@@ -73,7 +74,7 @@ def evaluate(
     for batch in loader:
         x, y = _tampering_batch(batch, t, min_quality)
         if len(y):
-            pred = model(x).argmax(-1)
+            pred = model(x.to(device)).argmax(-1).cpu()
             f1.update(pred, y)
             per_class.update(pred, y)
     model.train()
@@ -91,18 +92,19 @@ def run_control(
     evals: int,
     seed: int,
     min_quality: float | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train control ``name`` on tampering for ``seconds`` of training (validations not counted); ``loaders``:
     (train, val), built once so their persistent workers keep the decoded images across epochs and models."""
     train_loader, val_loader = loaders
     torch.manual_seed(seed)
-    model = create_control(name, img_size, spec.num_classes)
+    model = create_control(name, img_size, spec.num_classes).to(device)
     # inverse class frequency over the labelled training samples: predicting the majority scores nothing
     counts = torch.zeros(spec.num_classes)
     for batch in train_loader:
         _, y = _tampering_batch(batch, t, min_quality)
         counts += torch.bincount(y, minlength=spec.num_classes)
-    weight = counts.sum() / (spec.num_classes * counts.clamp(min=1))
+    weight = (counts.sum() / (spec.num_classes * counts.clamp(min=1))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     train_f1 = MulticlassF1Score(spec.num_classes, average="macro")
     history: list[dict[str, Any]] = []
@@ -114,7 +116,7 @@ def run_control(
     def log() -> None:
         nonlocal paused
         t0 = time.perf_counter()
-        val = evaluate(model, val_loader, t, spec.num_classes, min_quality)
+        val = evaluate(model, val_loader, t, spec.num_classes, min_quality, device)
         paused += time.perf_counter() - t0  # validation is not training time
         row = {
             "steps": steps,
@@ -142,12 +144,13 @@ def run_control(
             x, y = _tampering_batch(batch, t, min_quality)
             if not len(y):
                 continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y, weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            train_f1.update(logits.detach().argmax(-1), y)
+            train_f1.update(logits.detach().argmax(-1).cpu(), y.cpu())
             steps += 1
             images += len(y)
             if trained() >= next_eval:
@@ -179,11 +182,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "where the capture does not hide it?",
     )
     ap.add_argument("--limit-train", type=int, default=None, help="use this many training samples (tests)")
+    ap.add_argument("--img-size", type=int, nargs=2, default=[160, 256], help="H W the models read")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dm = IdDataModule(
         root=args.root,
+        img_size=tuple(args.img_size),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         persistent_workers=args.num_workers > 0,
@@ -198,7 +204,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     spec, t = dm.catalogue[TASK], dm.catalogue.names.index(TASK)
     results = [
         run_control(
-            m, loaders, spec, t, dm.img_size, args.seconds, args.lr, args.evals, args.seed, args.min_quality
+            m,
+            loaders,
+            spec,
+            t,
+            dm.img_size,
+            args.seconds,
+            args.lr,
+            args.evals,
+            args.seed,
+            args.min_quality,
+            args.device,
         )
         for m in args.models
     ]
