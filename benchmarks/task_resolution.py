@@ -263,10 +263,16 @@ def derive_datasets(
         "train": len(rows["train"]),
         "val": len(rows["val"]),
         "train_without_doc_type": n_drop,
-        "train_no_document": sum(r["labels"].get("doc_type") is None for r in rows["train"]),
-        "val_no_document": sum(r["labels"].get("doc_type") is None for r in rows["val"]),
+        "train_no_document": sum(_no_document(r) for r in rows["train"]),
+        "val_no_document": sum(_no_document(r) for r in rows["val"]),
     }
     return oracle, dropped, info
+
+
+def _no_document(line: dict) -> bool:
+    """No document in view: the doc type is unlabelled, or labelled by default where the manifest says it does not
+    apply."""
+    return line["labels"].get("doc_type") is None or "doc_type" not in line.get("tasks", ["doc_type"])
 
 
 def generate_source(work: Path, train: int, val: int, seed: int, workers: int) -> Path:

@@ -110,7 +110,8 @@ def test_forced_wrong_routing_withholds_the_output() -> None:
     wrong = itp.type_names.index("fake_value")
     with torch.no_grad():
         itp.guidance[-1].bias.zero_()
-        itp.guidance[-1].bias[wrong] = 1e4  # the gate now opens the fake_value group for every task
+        itp.guidance[-1].bias[0] = 1e4  # every task applies...
+        itp.guidance[-1].bias[1 + wrong] = 1e4  # ...and the gate opens the fake_value group for every task
         out = model(torch.randn(2, 3, *IMG), route="guided")
     assert not out["routed"]["a"].any() and not out["routed"]["b"].any()  # no fake_label unit there: withheld
     assert out["routed"]["c"].all()
@@ -132,8 +133,8 @@ def test_guidance_unit_learns_to_route_to_the_known_type() -> None:
 
     ctx = HeadContext(pixel_feats=None, image_size=IMG)
     for _ in range(60):
-        _, logits, _ = itp(feats, ctx, "known")
-        loss = itp.gate_loss(logits)
+        _, logits, applies, _ = itp(feats, ctx, "known")
+        loss = itp.gate_loss(logits, applies, torch.ones(4, 3))
         opt.zero_grad()
         loss.backward()
         opt.step()

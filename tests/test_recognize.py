@@ -125,7 +125,10 @@ def test_recognize_matches_predict_step_on_the_datamodule_batch(setup):
         assert r["recognition"]["decision"] in ("accept", "review", "reject")
         names = {x["rule"] for x in r["recognition"]["reasons"]} | set(r["recognition"]["passed"])
         names |= {x["rule"] for x in r["recognition"]["skipped"]}
-        assert names == {rule.name for rule in rec.rules.rules}
+        # every rule is accounted for, plus one review per resolved task whose required inputs were missing
+        assert names - {"inputs_supplied"} == {rule.name for rule in rec.rules.rules}
+        needs = {t for t, why in r["withheld"].items() if why.startswith("needs ")}
+        assert {x["task"] for x in r["recognition"]["reasons"] if x["rule"] == "inputs_supplied"} == needs
 
 
 def test_one_forward_pass_per_batch(setup):

@@ -166,7 +166,9 @@ def test_validate_logs_metrics_score_and_the_table(tmp_path: Path) -> None:
     assert {"val/a/accuracy", "val/c/mae", "val/a/loss", "val/score", "val/gate_accuracy", "val/loss"} <= set(
         metrics
     )
-    assert not any(k.startswith("val/b/") for k in metrics)
+    # b's label is never known: no task metric, no loss; whether it applies is known (its gate is measured)
+    assert {k for k in metrics if k.startswith("val/b/")} == {"val/b/gate_f1"}
+    assert 0.0 <= metrics["val/gate_exact_match"] <= 1.0
     expected = (metrics["val/a/accuracy"] + max(0.0, 1 - metrics["val/c/mae"] / 10.0)) / 2
     assert metrics["val/score"] == pytest.approx(expected, abs=1e-5)
     table = format_metrics_table(metrics, m.catalogue)
@@ -183,11 +185,17 @@ def test_predict_restricts_to_applying_tasks_and_reports_withheld() -> None:
     itp = m.model.interpreter
     with torch.no_grad():
         itp.guidance[-1].bias.zero_()
-        itp.guidance[-1].bias[itp.type_names.index("fake_label")] = 1e4
+        itp.guidance[-1].bias[0] = 1e4  # every task applies
+        itp.guidance[-1].bias[1 + itp.type_names.index("fake_label")] = 1e4
         res = m.predict_step(batch, 0)
     assert [r["id"] for r in res] == ["s0", "s1"]
     assert set(res[0]["outputs"]) == {"a", "b"} and res[0]["withheld"] == {}
-    assert set(res[1]["outputs"]) == {"a", "b"} and res[1]["withheld"] == {"c": "fake_label"}
+    assert set(res[1]["outputs"]) == {"a", "b"} and res[1]["withheld"] == {"c": "gate opened fake_label"}
+    with torch.no_grad():
+        itp.guidance[-1].bias[0] = -1e4  # no task applies: every gate closed
+        res = m.predict_step(batch, 0)
+    assert res[1]["outputs"] == {} and res[1]["withheld"] == {t: "gate closed" for t in "abc"}
+    assert res[1]["routing"]["a"]["open"] is False and res[1]["routing"]["a"]["open_probability"] < 0.5
 
 
 def _fit_and_save(m: UnifiedModule, tmp_path: Path) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from idrecog.callbacks.jsonl import JsonlWriter
-from idrecog.data.resolution import DocTypeHeadResolver
+from idrecog.data.resolution import create_task_resolver
 from idrecog.recognition.recognizer import make_record, safe_name
 from idrecog.recognition.rules import RuleSet, load_rules
 from idrecog.tasks.drawing import Canvas
@@ -34,25 +34,36 @@ class JsonlPredictionWriter(JsonlWriter):
         output_dir: folder for the outputs.
         write_overlays: draw masks and boxes over each input image.
         rules: a rule file for the recognition result (None: no decision).
+        task_resolver: which tasks each record reports: ``doc_type_head`` (the doc type, given or predicted by
+            the model's doc-type head), ``gate`` (the model's gate), or another resolver that resolves images.
     """
 
-    def __init__(self, output_dir: str, write_overlays: bool = False, rules: str | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        write_overlays: bool = False,
+        rules: str | None = None,
+        task_resolver: str = "doc_type_head",
+    ) -> None:
         super().__init__(output_dir)
         self.write_overlays = write_overlays
         self.rules_path = rules
+        self.task_resolver = task_resolver
         self.rules: RuleSet | None = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_predict_start(trainer, pl_module)
         self.catalogue = pl_module.catalogue
         self.rules = load_rules(self.rules_path, self.catalogue) if self.rules_path else None
-        self.resolver = DocTypeHeadResolver(self.catalogue)
+        self.resolver = create_task_resolver(self.task_resolver, self.catalogue)
         self.task_types = pl_module.task_types
 
     def records(self, prediction: Any, batch: Any) -> Iterator[dict[str, Any]]:
         """Recognition records (as ``idrecog recognize`` prints them), each written before the next is built."""
         resolutions = self.resolver.resolve_batch(
-            [p["doc_type"] for p in prediction], outputs=[p["outputs"] for p in prediction]
+            [p["doc_type"] for p in prediction],
+            outputs=[p["outputs"] for p in prediction],
+            routing=[p["routing"] for p in prediction],
         )
         for j, pred in enumerate(prediction):
             record = make_record(

@@ -24,22 +24,31 @@ def _rules_arg(value: str | None) -> str | None:
 
 
 TASK_RESOLVER_HELP = (
-    "task classifier for images without a doc type: {task_classifier_ckpt: PATH, threshold: 0.5 or "
-    "{task: p}, device: as --device} (docs/task-resolution.md); default: the model's own doc-type head"
+    "which tasks each image gets: doc_type_head (default: the given doc type, else the model's doc-type head), "
+    "gate (the model's gate decides), or a task classifier {task_classifier_ckpt: PATH, threshold: 0.5 or "
+    "{task: p}, device: as --device} (docs/task-resolution.md)"
 )
 # what classify_images uses (mode, cache and loader settings are for datasets)
 RESOLVER_KEYS = ("task_classifier_ckpt", "threshold", "device")
+# resolvers that decide from the image batch and the model's outputs (not from dataset samples)
+IMAGE_RESOLVERS = ("doc_type_head", "gate", "doc_type", "all")
 
 
-def _check_task_resolver(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+def _check_task_resolver(spec: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
     """Fail on bad ``--task_resolver`` arguments (a missing checkpoint included) before any model is loaded."""
     from idrecog.data.resolution.classifier import ClassifierResolver
 
-    if spec is None:
-        return None
+    if spec is None or isinstance(spec, str):
+        if spec is not None and spec not in IMAGE_RESOLVERS:
+            raise ConfigError(
+                f"--task_resolver: unknown resolver {spec!r}; choose one of {', '.join(IMAGE_RESOLVERS)} or a "
+                "task classifier {task_classifier_ckpt: PATH, ...}"
+            )
+        return spec
     if not isinstance(spec, dict):
         raise ConfigError(
-            f"--task_resolver must be a mapping {{task_classifier_ckpt: PATH, ...}}, got {spec!r}"
+            f"--task_resolver must be a name ({', '.join(IMAGE_RESOLVERS)}) or a mapping "
+            f"{{task_classifier_ckpt: PATH, ...}}, got {spec!r}"
         )
     kwargs = dict(spec)
     unknown = sorted(set(kwargs) - set(RESOLVER_KEYS))
@@ -51,11 +60,14 @@ def _check_task_resolver(spec: dict[str, Any] | None) -> dict[str, Any] | None:
     return kwargs
 
 
-def _attach_task_resolver(rec: Any, kwargs: dict[str, Any] | None, device: str) -> None:
+def _attach_task_resolver(rec: Any, spec: dict[str, Any] | str | None, device: str) -> None:
+    from idrecog.data.resolution import create_task_resolver
     from idrecog.data.resolution.classifier import ClassifierResolver
 
-    if kwargs is not None:
-        kwargs = {"device": device, **kwargs, "field": "--task_resolver"}
+    if isinstance(spec, str):
+        rec.task_resolver = create_task_resolver(spec, rec.catalogue)
+    elif spec is not None:
+        kwargs = {"device": device, **spec, "field": "--task_resolver"}
         rec.task_resolver = ClassifierResolver(rec.catalogue, **kwargs)
 
 
@@ -83,7 +95,7 @@ def recognize_parser() -> ArgumentParser:
         "--user", default=None, help="user info: a JSON object {attributes, behaviour} or a .json file"
     )
     p.add_argument("--doc-type", "--doc_type", dest="doc_type", default=None, help="known document type")
-    p.add_argument("--task_resolver", type=dict | None, default=None, help=TASK_RESOLVER_HELP)
+    p.add_argument("--task_resolver", type=dict | str | None, default=None, help=TASK_RESOLVER_HELP)
     p.add_argument("--rules", default="default", help="rule file; 'default' (shipped) or 'none'")
     p.add_argument("--out", default=None, help="folder for segmentation masks (PNG)")
     p.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
@@ -193,7 +205,7 @@ def serve_main(argv: list[str]) -> int:
         default=RetentionSettings(),
         help="keeping uploads (personal data); default: nothing is kept",
     )
-    p.add_argument("--task_resolver", type=dict | None, default=None, help=TASK_RESOLVER_HELP)
+    p.add_argument("--task_resolver", type=dict | str | None, default=None, help=TASK_RESOLVER_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--log_level", default="warning")
     args = p.parse_args(argv)

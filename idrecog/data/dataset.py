@@ -5,6 +5,7 @@ An item (before collation, see :func:`idrecog.data.collate.collate_samples`)::
     image:     tv_tensors.Image float [3, H, W] (normalised when the transform normalises)
     targets:   {task: load_target(...) after the transform, or None when the task does not apply / no label}
     applies:   bool [T]   the task applies to the sample (task resolver)
+    applies_known: bool   the sample's task set is known, not assumed (the gate learns applicability from these)
     present:   bool [T]   applies AND the label is non-null and loaded
     frames_missing: bool [T]  a multi-frame task whose frames are missing (its label is masked)
     id, doc_type
@@ -161,10 +162,12 @@ class IdDataset(Dataset):
                 if t not in self.catalogue:
                     raise ConfigError(f"task resolver {self.resolver.name!r} returned unknown task {t!r}")
                 applies[i, self.catalogue.index(t)] = True
+        known = torch.tensor(self.resolver.known(samples), dtype=torch.bool)
         keep = applies.any(1) if drop_empty else torch.ones(len(samples), dtype=torch.bool)
         self.n_dropped = int((~keep).sum())
         self.samples: list[Sample] = [s for s, k in zip(samples, keep.tolist(), strict=True) if k]
         self.applies = applies[keep]
+        self.applies_known = known[keep]
         self.task_types = [create_task_type(spec) for spec in self.catalogue]
         self.frame_tasks = [j for j, spec in enumerate(self.catalogue) if spec.uses_frames]
         self.user_tasks = [j for j, spec in enumerate(self.catalogue) if spec.uses_user]
@@ -314,6 +317,7 @@ class IdDataset(Dataset):
             "image": out["image"],
             "targets": out["targets"],
             "applies": applies,
+            "applies_known": self.applies_known[index].clone(),
             "present": present,
             "frames_missing": frames_missing,
             "id": s.id,

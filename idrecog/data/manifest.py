@@ -19,7 +19,7 @@ from idrecog.errors import DataFormatError
 from idrecog.tasks.catalogue import TaskCatalogue
 
 SPLITS = ("train", "val", "test")
-_SAMPLE_KEYS = {"id", "image", "doc_type", "labels", "assoc", "user", "evidence"}
+_SAMPLE_KEYS = {"id", "image", "doc_type", "labels", "assoc", "user", "evidence", "tasks"}
 
 
 @dataclass
@@ -35,6 +35,8 @@ class Sample:
     #: {task: [x0, y0, x1, y1]}: where in the image a label's evidence lies (the edited region of a forgery), in
     #: image pixels; optional, for pictures and analysis
     evidence: dict[str, list[float]] = field(default_factory=dict)
+    #: the tasks an annotator recorded as applying to this sample (None: not recorded; the doc type decides)
+    tasks: list[str] | None = None
     line: int = 0
     source: str = ""
 
@@ -57,6 +59,8 @@ class Sample:
             d["user"] = self.user
         if self.evidence:
             d["evidence"] = self.evidence
+        if self.tasks is not None:
+            d["tasks"] = self.tasks
         return d
 
 
@@ -171,6 +175,13 @@ def parse_sample(
             raise err(
                 f"evidence.{task}", f"must be a box [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {box!r}"
             )
+    tasks = obj.get("tasks")
+    if tasks is not None:
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise err("tasks", f"must be a list of task names, got {tasks!r}")
+        unknown = [t for t in tasks if t not in catalogue]
+        if unknown:
+            raise err("tasks", f"unknown task {unknown[0]!r}; the catalogue has {catalogue.names}")
     return Sample(
         id=str(sid),
         image=image,
@@ -179,6 +190,7 @@ def parse_sample(
         assoc=dict(assoc),
         user=user,
         evidence={k: [float(v) for v in b] for k, b in evidence.items()},
+        tasks=list(tasks) if tasks is not None else None,
         line=line,
         source=source,
     )

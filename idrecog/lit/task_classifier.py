@@ -191,9 +191,22 @@ class TaskClassifierModule(L.LightningModule):
             loss = logits.sum() * 0.0
         return loss, targets, known
 
+    def loss_from_sets(self, logits: Tensor, applies: Tensor, known: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """BCE-with-logits against given task sets. applies: bool [B, T]; known: bool [B] -> as :meth:`loss`."""
+        targets, known = applies.to(logits.device).float(), known.to(logits.device).bool()
+        if known.any():
+            loss = F.binary_cross_entropy_with_logits(logits[known].float(), targets[known])
+        else:
+            loss = logits.sum() * 0.0
+        return loss, targets, known
+
     def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
         logits = self(batch["image"])
-        loss, targets, known = self.loss(logits, batch["doc_type"])
+        if "applies" in batch and "applies_known" in batch:
+            # the DataModule's task sets (an annotated resolver: per sample, not per doc type), where known
+            loss, targets, known = self.loss_from_sets(logits, batch["applies"], batch["applies_known"])
+        else:
+            loss, targets, known = self.loss(logits, batch["doc_type"])
         n = int(known.sum())
         self.log(
             f"{stage}/loss",

@@ -16,7 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import BinaryF1Score, MultilabelExactMatch
 from typing_extensions import override
 
 from idrecog.errors import ConfigError, NonFiniteLossError
@@ -25,10 +26,10 @@ from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, wa
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.detail import DetailBranch
 from idrecog.models.encoder import ViTEncoder
-from idrecog.models.interpreter import Route, TaskGuidedInterpreter
+from idrecog.models.interpreter import OPEN_THRESHOLD, Route, TaskGuidedInterpreter
 from idrecog.models.queries import LearnedQueries, TaskQueryProvider, module_key
 from idrecog.models.unified import UnifiedModel, module_config, module_from_config
-from idrecog.tasks.base import TaskType
+from idrecog.tasks.base import TaskType, metrics_updated
 from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
 from idrecog.tasks.registry import get_task_type_class
 from idrecog.utils.checkpoint import plain
@@ -36,6 +37,8 @@ from idrecog.utils.checkpoint import plain
 __all__ = ["UnifiedModule", "format_metrics_table", "load_unified", "score_of"]
 
 STAGES = ("train", "val", "test")
+# how a withheld task names the inputs it needs
+_INPUT_NAMES = {"flash": "flash", "angles": "angle frames", "user": "user information"}
 
 
 class MaskedMean(Metric):
@@ -189,6 +192,23 @@ class UnifiedModule(L.LightningModule):
                 for stage in self.metric_stages
             }
         )
+        # the gate's applies decisions: F1 per task, and the exact match of each image's task set (with several
+        # tasks; with one, its F1 says it all)
+        sets = {}
+        if len(self.task_names) > 1:
+            sets = {
+                "exact_match_": MultilabelExactMatch(num_labels=len(self.task_names)),
+                # the images that show a document (its doc-type task applies): the readable ones
+                "exact_match_document_": MultilabelExactMatch(num_labels=len(self.task_names)),
+            }
+        self.gate_metrics = nn.ModuleDict(
+            {
+                module_key(stage): nn.ModuleDict(
+                    {**{module_key(t): BinaryF1Score() for t in self.task_names}, **sets}
+                )
+                for stage in self.metric_stages
+            }
+        )
         self.loss_meters = nn.ModuleDict(
             {
                 module_key(s): nn.ModuleDict({module_key(t): MaskedMean() for t in self.task_names})
@@ -253,8 +273,24 @@ class UnifiedModule(L.LightningModule):
             ]
         )  # [T]
         total, weights = self.balancer(loss_vec, present.any(dim=0))
-        gate_loss = self.model.interpreter.gate_loss(out["gate_logits"])
+        target, known = self.gate_targets(out, batch)
+        gate_loss = self.model.interpreter.gate_loss(
+            out["gate_logits"], out.get("open_logits"), target, known
+        )
         return total + self.hparams.gate_loss_weight * gate_loss, loss_vec, weights, gate_loss
+
+    def gate_targets(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """What the gate's applies logit should say, per sample and task [B, T]: the data pipeline's ``applies``,
+        and where that is known (``applies_known``: a sample whose tasks were assumed, not known, teaches the gate
+        nothing). Whether the required inputs are at hand is not learned: the model checks it."""
+        device = batch["image"].device
+        b = batch["image"].shape[0]
+        applies = batch.get("applies")
+        if applies is None:
+            applies = torch.ones(b, len(self.task_names), dtype=torch.bool, device=device)
+        known = batch.get("applies_known")
+        known = torch.ones(b, dtype=torch.bool, device=device) if known is None else known.to(device).bool()
+        return applies.to(device).bool(), known.unsqueeze(1).expand(b, len(self.task_names))
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
         if "image" not in batch:  # every sample of the batch was dropped (data.on_error: skip)
@@ -292,7 +328,30 @@ class UnifiedModule(L.LightningModule):
                     batch["targets"][task],
                     present[:, i],
                 )
+            self._update_gate_metrics(stage, out, batch)
         return loss
+
+    def _update_gate_metrics(self, stage: str, out: dict[str, Any], batch: dict[str, Any]) -> None:
+        """Applies/does-not-apply F1 per task and the exact match of each image's task set, where it is known."""
+        target, known = self.gate_targets(out, batch)
+        probs = (
+            torch.stack([out["open_logits"][t] for t in self.task_names], dim=1).detach().float().sigmoid()
+        )
+        gm = self.gate_metrics[module_key(stage)]
+        for i, task in enumerate(self.task_names):
+            sel = known[:, i]
+            if sel.any():
+                gm[module_key(task)].update(probs[sel, i], target[sel, i].long())
+        if "exact_match_" not in gm:
+            return
+        rows = known.all(dim=1)
+        if rows.any():
+            gm["exact_match_"].update(probs[rows], target[rows].long())
+        dt = self.catalogue.doc_type_task
+        if dt is not None:
+            doc_rows = rows & target[:, self.task_names.index(dt)]
+            if doc_rows.any():
+                gm["exact_match_document_"].update(probs[doc_rows], target[doc_rows].long())
 
     def _check_finite(self, loss: Tensor, loss_vec: Tensor, gate_loss: Tensor) -> bool:
         """False (and a warning naming the tasks) for a non-finite loss; raises after too many in a row.
@@ -355,10 +414,12 @@ class UnifiedModule(L.LightningModule):
 
             {"id", "doc_type",
              "outputs": {task: postprocessed output},            # the tasks the gate let out
-             "withheld": {task: the type the gate opened},       # the others
-             "routing": {task: {"routed", "gate", "gate_probability"}}}
+             "withheld": {task: why not},                        # the others, with the reason
+             "routing": {task: {"routed", "open", "open_probability", "gate", "gate_probability"}}}
 
-        One guided forward pass (``route="guided"``); nothing else is needed to explain the gate's decisions."""
+        A task is withheld with ``needs <inputs>`` when its required inputs are missing (never answered from the
+        main image), ``gate closed`` when the guidance unit judged it does not apply, ``gate opened <type>`` when it
+        opened another type's unit. One guided forward pass (``route="guided"``)."""
         images = batch["image"]
         b = images.shape[0]
         out = self.model(images, batch=batch, route="guided")
@@ -369,17 +430,24 @@ class UnifiedModule(L.LightningModule):
         ids = batch.get("ids") or [str(i) for i in range(b)]
         doc_types = batch.get("doc_type") or [None] * b
         types = self.model.interpreter.type_names
+        cols: dict[str, dict[str, list[Any]]] = {}
         post: dict[str, list[dict[str, Any]]] = {}
-        routed: dict[str, list[bool]] = {}
-        picks: dict[str, list[int]] = {}
-        probs: dict[str, list[float]] = {}
         for i, task in enumerate(self.task_names):
-            if applies[:, i].any():
-                post[task] = self.task_types[task].postprocess(out["outputs"][task])
-                routed[task] = out["routed"][task].cpu().tolist()
-                p = out["gate_logits"][task].detach().float().softmax(-1).cpu()
-                picks[task] = p.argmax(-1).tolist()
-                probs[task] = p.max(-1).values.tolist()
+            if not applies[:, i].any():
+                continue
+            post[task] = self.task_types[task].postprocess(out["outputs"][task])
+            p = out["gate_logits"][task].detach().float().softmax(-1).cpu()
+            avail = out["available"].get(task)
+            cols[task] = {
+                "routed": out["routed"][task].cpu().tolist(),
+                "pick": p.argmax(-1).tolist(),
+                "pick_p": p.max(-1).values.tolist(),
+                "open_p": out["open_logits"][task].detach().float().sigmoid().cpu().tolist(),
+                "avail": avail.cpu().tolist() if avail is not None else [True] * b,
+            }
+        needs = {
+            t: "needs " + " and ".join(_INPUT_NAMES[r] for r in self.catalogue[t].requires) for t in cols
+        }
         results = []
         for j in range(b):
             r: dict[str, Any] = {
@@ -389,18 +457,24 @@ class UnifiedModule(L.LightningModule):
                 "withheld": {},
                 "routing": {},
             }
-            for i, task in enumerate(self.task_names):
-                if not applies[j, i]:
+            for task, c in cols.items():
+                if not applies[j, self.task_names.index(task)]:
                     continue
-                gate = types[picks[task][j]]
-                if routed[task][j]:
+                gate, is_open = types[c["pick"][j]], c["open_p"][j] >= OPEN_THRESHOLD
+                if c["routed"][j]:
                     r["outputs"][task] = post[task][j]
+                elif not c["avail"][j]:
+                    r["withheld"][task] = needs[task]
+                elif not is_open:
+                    r["withheld"][task] = "gate closed"
                 else:
-                    r["withheld"][task] = gate
+                    r["withheld"][task] = f"gate opened {gate}"
                 r["routing"][task] = {
-                    "routed": bool(routed[task][j]),
+                    "routed": bool(c["routed"][j]),
+                    "open": bool(is_open),
+                    "open_probability": round(float(c["open_p"][j]), 6),
                     "gate": gate,
-                    "gate_probability": round(float(probs[task][j]), 6),
+                    "gate_probability": round(float(c["pick_p"][j]), 6),
                 }
             results.append(r)
         return results
@@ -428,6 +502,20 @@ class UnifiedModule(L.LightningModule):
                 scores.append(score_of(tt, float(values[tt.primary_metric])))
         if scores:
             self.log(f"{stage}/score", float(sum(scores) / len(scores)))
+        gm = self.gate_metrics[module_key(stage)]
+        for task in self.task_names:
+            if metrics_updated(MetricCollection({"f1": gm[module_key(task)]})):
+                self.log(f"{stage}/{task}/gate_f1", gm[module_key(task)].compute())
+            gm[module_key(task)].reset()
+        for key, name in (
+            ("exact_match_", "gate_exact_match"),
+            ("exact_match_document_", "gate_exact_match_document"),
+        ):
+            if key not in gm:
+                continue
+            if metrics_updated(MetricCollection({"em": gm[key]})):
+                self.log(f"{stage}/{name}", gm[key].compute())
+            gm[key].reset()
 
     def on_train_epoch_end(self) -> None:
         self.balancer.epoch_end()
@@ -509,7 +597,7 @@ def format_metrics_table(
                 per_task.setdefault(parts[1], {})[parts[2]] = v
         head = [
             f"{k}={vals[f'{stage}/{k}']:.4f}"
-            for k in ("score", "gate_accuracy", "loss")
+            for k in ("score", "gate_exact_match", "gate_exact_match_document", "gate_accuracy", "loss")
             if f"{stage}/{k}" in vals
         ]
         lines.append(f"[{stage}] " + "  ".join(head))

@@ -1,16 +1,21 @@
-"""The task-guided interpreter: routes each task's decoded features to an output unit.
+"""The task-guided interpreter: per sample and task, a gate decides whether the task's result comes out, and of
+which output unit.
 
-Output units are grouped by task TYPE: ``units[type][task]`` is the head of ``task`` (``build_head(dim)``).
-A task-guidance unit (a small MLP over the mean of a task's query features) scores the groups, one logit per
-type present in the catalogue, and a gate opens one group per sample:
+Output units are grouped by task TYPE: ``units[type][task]`` is the head of ``task`` (``build_head(dim)``). The
+task-guidance unit (a small MLP over the mean of a task's query features) gives, per sample and task, an
+**applies** logit (does the task apply to this image: a document in view, the feature present) and one logit per
+type (which unit receives the task's features). The gate is **open** where the task applies and its required
+inputs (catalogue ``requires``: frames, user information) are at hand.
 
-* ``route="known"`` (training): the gate follows the task's catalogue type;
-* ``route="guided"`` (inference): the gate opens the argmax group. Where that group has no unit for the task,
-  the sample's output for the task is withheld: ``routed[task][i]`` is False. Another unit is never used.
+* ``route="known"`` (training): every head's output is used (losses are masked per sample and task); the gate
+  learns alongside (:meth:`TaskGuidedInterpreter.gate_loss`): a binary cross-entropy of the applies logit against
+  the per-sample applicability the data pipeline computes (masked where it is unknown), and a cross-entropy of the
+  type logits against the task's catalogue type.
+* ``route="guided"`` (inference): a task's result comes out where its gate is open, its required inputs are at
+  hand and the type it opens has the task's unit; ``routed[task][i]`` is False otherwise, and consumers withhold
+  that output. A task whose required inputs are missing is never answered (its gate is closed outright).
 
-Heads run on the whole batch either way (no data-dependent control flow, so the model exports); consumers
-drop the samples whose ``routed`` is False. The guidance unit is trained with an auxiliary cross-entropy
-(``gate_loss``) against the known type.
+Heads run on the whole batch either way (no data-dependent control flow, so the model exports).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from idrecog.models.queries import module_key
 from idrecog.tasks.base import HeadContext, TaskType
 
 __all__ = ["Route", "TaskGuidedInterpreter"]
+
+#: the open/close decision threshold on the gate's open probability
+OPEN_THRESHOLD = 0.5
 
 Route = Literal["known", "guided"]
 
@@ -60,7 +68,7 @@ class TaskGuidedInterpreter(nn.Module):
             nn.LayerNorm(dim),
             nn.Linear(dim, self.guidance_hidden),
             nn.GELU(),
-            nn.Linear(self.guidance_hidden, len(self.type_names)),
+            nn.Linear(self.guidance_hidden, 1 + len(self.type_names)),
         )
 
     def has_unit(self, task: str, type_name: str) -> bool:
@@ -72,40 +80,65 @@ class TaskGuidedInterpreter(nn.Module):
         return group[module_key(task)]
 
     def forward(
-        self, task_feats: dict[str, Tensor], ctx: HeadContext, route: Route = "known"
-    ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], dict[str, Tensor]]:
-        """task_feats: {task: [B, Q_t, dim]} -> (outputs {task: head dict}, gate_logits {task: [B, n_types]},
-        routed {task: bool [B]})."""
+        self,
+        task_feats: dict[str, Tensor],
+        ctx: HeadContext,
+        route: Route = "known",
+        available: dict[str, Tensor] | None = None,
+    ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """task_feats: {task: [B, Q_t, dim]}; available: {task: bool [B]} whether its required inputs are at hand
+        (None: all are) -> (outputs {task: head dict}, gate_logits {task: [B, n_types]}, open_logits {task: [B]}:
+        the applies logit, routed {task: bool [B]})."""
         if route not in ("known", "guided"):
             raise ConfigError(f"route must be 'known' or 'guided', got {route!r}")
         outputs: dict[str, dict[str, Tensor]] = {}
         gate_logits: dict[str, Tensor] = {}
+        open_logits: dict[str, Tensor] = {}
         routed: dict[str, Tensor] = {}
         for task, feats in task_feats.items():
+            b = feats.shape[0]
+            ok = torch.ones(b, dtype=torch.bool, device=feats.device)
+            if available is not None and task in available:
+                ok = available[task].to(feats.device).bool()
             logits = self.guidance(feats.mean(dim=1))
-            gate_logits[task] = logits
+            open_logits[task], gate_logits[task] = logits[:, 0], logits[:, 1:]
             if route == "known":
-                routed[task] = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
+                routed[task] = torch.ones(b, dtype=torch.bool, device=feats.device)
             else:
                 # a task has a unit only in its own type's group: any other pick withholds the output
                 has = torch.tensor(
                     [self.has_unit(task, t) for t in self.type_names], dtype=torch.bool, device=feats.device
                 )
-                routed[task] = has[logits.argmax(dim=-1)]
+                is_open = torch.sigmoid(open_logits[task].float()) >= OPEN_THRESHOLD
+                routed[task] = has[gate_logits[task].argmax(dim=-1)] & is_open & ok
             outputs[task] = self.head(task)(feats, ctx)
-        return outputs, gate_logits, routed
+        return outputs, gate_logits, open_logits, routed
 
     def known_targets(self, tasks: list[str], batch_size: int, device: torch.device | None = None) -> Tensor:
         """The known type index of each task, broadcast over the batch: [B, T]."""
         idx = torch.tensor([self.task_type_index[t] for t in tasks], dtype=torch.long, device=device)
         return idx.unsqueeze(0).expand(batch_size, -1)
 
-    def gate_loss(self, gate_logits: dict[str, Tensor]) -> Tensor:
-        """Mean cross-entropy of the guidance logits against each task's known type index."""
+    def gate_loss(
+        self,
+        gate_logits: dict[str, Tensor],
+        open_logits: dict[str, Tensor] | None = None,
+        open_target: Tensor | None = None,
+        open_known: Tensor | None = None,
+    ) -> Tensor:
+        """Cross-entropy of the type logits against each task's catalogue type, plus the binary cross-entropy of
+        the open logits against ``open_target`` [B, T] (tasks in ``gate_logits``' order), over the (sample, task)
+        pairs where ``open_known`` [B, T] is True (all when None); no open term without a target."""
         tasks = list(gate_logits)
         logits = torch.stack([gate_logits[t] for t in tasks], dim=1)  # [B, T, n_types]
         target = self.known_targets(tasks, logits.shape[0], logits.device)
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+        if open_logits is None or open_target is None:
+            return loss
+        opened = torch.stack([open_logits[t] for t in tasks], dim=1).float()  # [B, T]
+        known = torch.ones_like(opened, dtype=torch.bool) if open_known is None else open_known.bool()
+        per = F.binary_cross_entropy_with_logits(opened, open_target.to(opened.dtype), reduction="none")
+        return loss + (per * known).sum() / known.sum().clamp(min=1)
 
     def gate_accuracy(self, gate_logits: dict[str, Tensor]) -> Tensor:
         """Fraction of (sample, task) pairs whose argmax group is the task's known type."""

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from idrecog.errors import ConfigError
@@ -157,7 +158,8 @@ class UnifiedModel(nn.Module):
         route: Route = "known",
     ) -> dict[str, Any]:
         """images: [B, 3, H, W] -> {"outputs": {task: head outputs}, "gate_logits": {task: [B, n_types]},
-        "routed": {task: bool [B]}, "task_feats": {task: [B, Q_t, D]}} for ``tasks`` (default: all)."""
+        "open_logits": {task: [B]}, "routed": {task: bool [B]}, "available": {task: bool [B]} (tasks with
+        required inputs), "task_feats": {task: [B, Q_t, D]}} for ``tasks`` (default: all)."""
         tasks = list(self.catalogue.names if tasks is None else tasks)
         for t in tasks:
             if t not in self.query_counts:
@@ -184,5 +186,42 @@ class UnifiedModel(nn.Module):
             pixel_hidden=pixel_hidden,
             pixel_decoder=self.pixel_decoder if pixel_hidden is not None else None,
         )
-        outputs, gate_logits, routed = self.interpreter(task_feats, ctx, route)
-        return {"outputs": outputs, "gate_logits": gate_logits, "routed": routed, "task_feats": task_feats}
+        available = self.inputs_at_hand(tasks, b, batch, images.device)
+        outputs, gate_logits, open_logits, routed = self.interpreter(task_feats, ctx, route, available)
+        return {
+            "outputs": outputs,
+            "gate_logits": gate_logits,
+            "open_logits": open_logits,
+            "routed": routed,
+            "available": available,
+            "task_feats": task_feats,
+        }
+
+    def inputs_at_hand(
+        self, tasks: list[str], b: int, batch: dict[str, Any] | None, device: Any
+    ) -> dict[str, Tensor]:
+        """{task: bool [B]} for the tasks with catalogue ``requires``: whether each sample supplies those inputs and
+        the queries read them (a design that reads no frames never has a hologram's frames at hand)."""
+        out: dict[str, Tensor] = {}
+        batch = batch or {}
+        assoc, user = batch.get("assoc"), batch.get("user")
+        for t in tasks:
+            need = set(self.catalogue[t].requires)
+            if not need:
+                continue
+            if (
+                not self.queries.reads(need)
+                or ("user" in need and user is None)
+                or (need - {"user"} and assoc is None)
+            ):
+                out[t] = torch.zeros(b, dtype=torch.bool, device=device)
+                continue
+            ok = torch.ones(b, dtype=torch.bool, device=device)
+            if "flash" in need:
+                ok = ok & assoc["mask"][:, 0].to(device).bool()
+            if "angles" in need:
+                ok = ok & assoc["mask"][:, 1:].to(device).bool().any(1)
+            if "user" in need:
+                ok = ok & user["mask"].to(device).bool()
+            out[t] = ok
+        return out

@@ -3,12 +3,15 @@
 Input ``images``: float [B, 3, H, W], normalised like the DataModule (ImageNet mean/std, resized to the model's
 ``img_size``); B is dynamic. Outputs are named ``<task>.<head output>`` (``doc_type.logits``,
 ``image_quality.value``, ``card_mask.mask_logits``, ``fields.logits``, ``fields.boxes`` ...) plus
-``<task>.gate_logits`` for the task-guided interpreter, every one with the batch as its first axis. The ONNX
+``<task>.gate_logits`` and ``<task>.open_logits`` for the task-guided interpreter's gate (which unit, and
+whether the task applies: open where sigmoid(open_logits) >= 0.5), every one with the batch as its first axis. The ONNX
 file's metadata holds the catalogue (``idrecog.catalogue``, JSON) and the ImageNet mean/std, so it runs
 without idrecog (see docs/recognition.md).
 
-The exported graph is the image-conditioned path (``route="known"``: each task through its own output unit);
-queries conditioned on frames or user info need the batch dict and are not part of the artefact.
+The exported graph is the image-conditioned path (``route="known"``: each task through its own output unit, the
+gate's decisions as outputs for the consumer to apply). A model whose queries read associated frames or user
+information cannot be exported (the command refuses with one line): the artefact takes images only, and the tasks
+that require such inputs (catalogue ``requires``) are never to be answered from it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ class ExportModule(nn.Module):
 
     def __init__(self, model: nn.Module, tasks: list[str] | None = None) -> None:
         super().__init__()
+        q = model.queries
+        if q.consumes_frames or q.consumes_user:
+            raise ConfigError(
+                f"the model's queries ({type(q).__name__}) read associated frames or user information, which an "
+                "exported graph of images alone cannot take; export a model whose queries read the image only "
+                "(learned or text)"
+            )
         self.model = model
         self.tasks = list(tasks if tasks is not None else model.catalogue.names)
         h, w = model.encoder.img_size
@@ -45,12 +55,14 @@ class ExportModule(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return [f"{t}.{k}" for t, k in self.keys] + [f"{t}.gate_logits" for t in self.gate_tasks]
+        gate = [f"{t}.gate_logits" for t in self.gate_tasks] + [f"{t}.open_logits" for t in self.gate_tasks]
+        return [f"{t}.{k}" for t, k in self.keys] + gate
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = self.model(images, tasks=self.tasks, route="known")
         heads = [out["outputs"][t][k] for t, k in self.keys]
-        return (*heads, *[out["gate_logits"][t] for t in self.gate_tasks])
+        gates = [out["gate_logits"][t] for t in self.gate_tasks]
+        return (*heads, *gates, *[out["open_logits"][t] for t in self.gate_tasks])
 
 
 def export_model(

@@ -82,6 +82,24 @@ def make_record(
     if pred.get("routing") is not None:
         record["routing"] = {t: v for t, v in pred["routing"].items() if t in keep}
     record["recognition"] = rules.evaluate(outputs) if rules is not None else None
+    needs = {t: why for t, why in record["withheld"].items() if str(why).startswith("needs ")}
+    if needs and record["recognition"] is not None:
+        # a task that applies but lacks its inputs is never answered from the main image: someone must look
+        rec = record["recognition"]
+        rec["reasons"] += [
+            {
+                "rule": "inputs_supplied",
+                "task": t,
+                "field": "inputs",
+                "value": None,
+                "expected": why.removeprefix("needs "),
+                "outcome": "review",
+                "note": why,
+            }
+            for t, why in needs.items()
+        ]
+        if rec["decision"] == "accept":
+            rec["decision"] = "review"
     return record
 
 
@@ -220,7 +238,10 @@ class Recognizer:
         batch = _to_device(batch, device)
         preds = self.module.predict_step(batch, 0)
         resolutions = self.task_resolver.resolve_batch(
-            [r.doc_type for r in requests], batch["image"], [p["outputs"] for p in preds]
+            [r.doc_type for r in requests],
+            batch["image"],
+            [p["outputs"] for p in preds],
+            [p["routing"] for p in preds],
         )
         return [
             make_record(

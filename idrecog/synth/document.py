@@ -178,8 +178,9 @@ def _edit_text(
     )
 
 
-def render_document(rng: np.random.Generator, doc_type: str, doc_width: int) -> Document:
-    """Draw a document of ``doc_type`` at ``doc_width`` pixels; forgery and hologram appearance drawn from ``rng``."""
+def render_document(rng: np.random.Generator, doc_type: str, doc_width: int, foil: bool = True) -> Document:
+    """Draw a document of ``doc_type`` at ``doc_width`` pixels; forgery and hologram appearance drawn from ``rng``.
+    ``foil=False``: an issue of the type printed without its hologram foil (older series)."""
     t = get_template(doc_type, doc_width)
     st = t.style
     img = t.image.copy()
@@ -269,7 +270,7 @@ def render_document(rng: np.random.Generator, doc_type: str, doc_width: int) -> 
         info["mrz"] = list(lines)
 
     hologram = None
-    if t.hologram is not None:
+    if t.hologram is not None and foil:
         boxes["hologram"] = t.hologram
         # the printed appearance: the same distribution for genuine and counterfeit (the class shows in frames)
         hologram = {

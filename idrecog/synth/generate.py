@@ -50,6 +50,17 @@ NONE_BELOW = 0.2
 HANDHELD_JITTER = 0.04
 #: share of capture sessions that are presentation attacks (half screen replays, half injections)
 ATTACK_P = 0.3
+#: share of hologram-type documents of an older issue without the foil
+NO_FOIL_P = 0.3
+#: share of sessions in which the user's attributes were never asked for
+NO_ATTRIBUTES_P = 0.15
+#: what an annotation tool writes for a doc type's task that does not apply to a capture (doc_type: the session's)
+DEFAULT_LABELS = {
+    "doc_type": None,
+    "tampering": "genuine",
+    "hologram": "genuine",
+    "nationality_match": "match",
+}
 #: what the generator draws; written to ``synth.json`` so a dataset from another version is recognised
 BENCHMARK_VERSION = 2
 FRAMES_MODES = ("handheld", "registered")
@@ -132,7 +143,9 @@ def _render(
     sid = sample_id(split, index)
     doc_type = DOC_TYPES[int(rng.integers(len(DOC_TYPES)))]
     style = STYLES[doc_type]
-    doc = render_document(rng, doc_type, doc_width=2 * width)
+    # an older issue of a hologram type, printed without the foil: the hologram check does not apply to it
+    foil = style.hologram is None or rng.random() >= NO_FOIL_P
+    doc = render_document(rng, doc_type, doc_width=2 * width, foil=foil)
     place = sample_placement(rng, doc.template.size, size)
     bg = background(rng, size)
     holo_class = None
@@ -191,10 +204,10 @@ def _render(
         nationality = str(rng.choice(NATIONALITIES))
     age = REFERENCE_YEAR - int(doc.info["values"]["birth_date"][-4:])
     band = next(b for lo, hi, b in AGE_BANDS if lo <= max(age, 18) <= hi)
-    user = {
-        "attributes": {"nationality": nationality, "age_band": band},
-        "behaviour": _behaviour(rng, attack),
-    }
+    user: dict[str, Any] = {"behaviour": _behaviour(rng, attack)}
+    # some sessions never asked the user for their details: the nationality check cannot be made
+    if rng.random() >= NO_ATTRIBUTES_P:
+        user["attributes"] = {"nationality": nationality, "age_band": band}
 
     determinable = visibility != "none"
     paths = _paths(split, sid)
@@ -216,11 +229,25 @@ def _render(
     if style.states_nationality:
         labels["nationality_match"] = nat_match if determinable else None
     applies = _applicable_tasks()[doc_type]
+    # what truly applies to this capture (the manifest's `tasks`), and the defaults an annotation tool writes for
+    # the tasks of the doc type that do not (training on them teaches the wrong thing)
+    hologram_seen = doc.hologram is not None and labels.get("hologram") is not None
+    truly = {
+        "doc_type": determinable,
+        "tampering": determinable,
+        "hologram": determinable and hologram_seen,
+        "nationality_match": determinable and "attributes" in user,
+    }
+    tasks = [t for t in applies if truly.get(t, True)]
+    for t, default in DEFAULT_LABELS.items():
+        if t in applies and t not in tasks:
+            labels[t] = doc_type if t == "doc_type" else default
     labels = {k: v for k, v in labels.items() if k in applies}
 
     frames: dict[str, Any] = {}
     frame_boxes: list[list[float] | None] = []  # the hologram's image box in each frame (flash, angles...)
-    if doc.hologram is not None:
+    # the capture app asks for flash and angle frames whenever the doc type has a hologram (the issue is unknown)
+    if style.hologram is not None:
         genuine = holo_class == "genuine"
 
         def frame(holo: dict[str, float], flash: float = 0.0) -> bytes:
@@ -230,7 +257,9 @@ def _render(
             else:
                 h, corners = jitter_placement(frame_rng, doc.template.size, place.corners, HANDHELD_JITTER)
                 fcap = frame_capture(frame_rng, cap)
-            frame_boxes.append(box_in_image(h, doc.boxes["hologram"], size))
+            frame_boxes.append(
+                box_in_image(h, doc.boxes["hologram"], size) if "hologram" in doc.boxes else None
+            )
             img = _with_hand(_composite(doc, holo, h, bg, size), _hand(hand_seed, skin, corners, size))
             if attack == "screen_replay":
                 img = screen_replay(img, frame_rng, cap.px_scale)
@@ -261,6 +290,7 @@ def _render(
         "mrz": doc.info.get("mrz"),
         "paths": paths,
     }
+    extra["tasks"] = tasks
     return Rendered(sid, doc_type, jpeg, mask_img, frames, labels, user, extra), rest
 
 
@@ -384,6 +414,7 @@ def render_sample(
         "cue_box": r.extra["cue_box_image"],
         "cue_detail_px": r.extra["cue_detail_px"],
         "frame_hologram_boxes": r.extra["frame_hologram_boxes"],
+        "tasks": r.extra["tasks"],
     }
 
 
@@ -418,6 +449,7 @@ def _write_chunk(args: tuple[str, int, str, int, int, int, int, float, float, st
                 (base / path).write_bytes(b)
             line["assoc"] = {"flash": p["flash"], "angles": p["angles"]}
         line["user"] = r.user
+        line["tasks"] = r.extra["tasks"]
         cue = r.extra["cue_box_image"]
         if cue is not None and r.labels.get("tampering") not in (None, "genuine"):
             line["evidence"] = {"tampering": cue}

@@ -39,6 +39,7 @@ DOC_TYPE_GIVEN = "doc_type given"
 DOC_TYPE_PREDICTED = "doc_type predicted"  # the unified model's doc-type head
 ALL_TASKS = "all"
 TASK_CLASSIFIER = "task classifier"
+GATE = "gate"
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,21 @@ class TaskResolver(ABC):
         keep = set(tasks)
         return [t for t in self.catalogue.names if t in keep]
 
+    def known(self, samples: list[Sample]) -> list[bool]:
+        """Per sample, whether its task set is known rather than assumed (a sample whose tasks were assumed
+        teaches the gate nothing about applicability). Default: known."""
+        return [True] * len(samples)
+
     def resolve_batch(
         self,
         doc_types: Sequence[str | None],
         images: Tensor | None = None,
         outputs: Sequence[Mapping[str, Any]] | None = None,
+        routing: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[Resolution]:
         """Recognition: one :class:`Resolution` per image. ``images``: [N, 3, H, W] as the model reads them;
-        ``outputs``: the unified model's per-image outputs (``predict_step``'s ``outputs``). A given doc type
-        decides through the ``doc_types`` mapping; the others go to :meth:`resolve_unknown`."""
+        ``outputs`` / ``routing``: the unified model's per-image outputs and gate decisions (``predict_step``'s).
+        A given doc type decides through the ``doc_types`` mapping; the others go to :meth:`resolve_unknown`."""
         res: list[Resolution | None] = [
             Resolution(self.ordered(self.catalogue.tasks_for(dt)), DOC_TYPE_GIVEN, dt)
             if dt is not None
@@ -201,6 +208,10 @@ class DocTypeResolver(TaskResolver):
         tasks = list(self.catalogue.names) if self.missing == "all" else []
         return [Resolution(tasks, ALL_TASKS) for _ in range(n)]
 
+    def known(self, samples: list[Sample]) -> list[bool]:
+        # without a doc type the task set is assumed (all, or none)
+        return [s.doc_type is not None or self.catalogue.doc_types is None for s in samples]
+
 
 @register_task_resolver
 class AllTasksResolver(TaskResolver):
@@ -211,13 +222,73 @@ class AllTasksResolver(TaskResolver):
     def resolve(self, samples: list[Sample], split: str) -> list[list[str]]:
         return [self.catalogue.names for _ in samples]
 
+    def known(self, samples: list[Sample]) -> list[bool]:
+        return [
+            self.catalogue.doc_types is None for _ in samples
+        ]  # assumed, unless every task always applies
+
     def resolve_batch(
         self,
         doc_types: Sequence[str | None],
         images: Tensor | None = None,
         outputs: Sequence[Mapping[str, Any]] | None = None,
+        routing: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[Resolution]:
         return [Resolution(list(self.catalogue.names), ALL_TASKS, dt) for dt in doc_types]
+
+
+@register_task_resolver
+class AnnotatedResolver(TaskResolver):
+    """The task set an annotator recorded for each sample (the manifest's ``tasks``); a sample without one falls
+    back to the doc type's tasks (``DocTypeResolver``, whose ``missing`` it takes). The oracle of the comparisons
+    in docs/task-resolution.md."""
+
+    name = "annotated"
+
+    def __init__(self, catalogue: TaskCatalogue, missing: str = "all") -> None:
+        super().__init__(catalogue)
+        self.fallback = DocTypeResolver(catalogue, missing=missing)
+
+    def resolve(self, samples: list[Sample], split: str) -> list[list[str]]:
+        by_doc_type = self.fallback.resolve(samples, split)
+        return [
+            self.ordered(s.tasks) if s.tasks is not None else d
+            for s, d in zip(samples, by_doc_type, strict=True)
+        ]
+
+    def known(self, samples: list[Sample]) -> list[bool]:
+        return [s.tasks is not None or k for s, k in zip(samples, self.fallback.known(samples), strict=True)]
+
+
+@register_task_resolver
+class GateResolver(TaskResolver):
+    """Recognition: the unified model's gate decides which tasks apply to each image (among the doc type's tasks
+    when it is given, else among all): a task applies where its applies-probability is at least 0.5. A task that
+    applies but whose required inputs are missing stays in the set; recognition withholds it with the reason."""
+
+    name = "gate"
+
+    def resolve(self, samples: list[Sample], split: str) -> list[list[str]]:
+        raise ConfigError(
+            "task resolver 'gate' reads the unified model's gate: it resolves images in recognition and "
+            "prediction, not dataset samples (train with doc_type, annotated or classifier)"
+        )
+
+    def resolve_batch(
+        self,
+        doc_types: Sequence[str | None],
+        images: Tensor | None = None,
+        outputs: Sequence[Mapping[str, Any]] | None = None,
+        routing: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[Resolution]:
+        if routing is None:
+            raise ConfigError("task resolver 'gate' needs the model's routing (predict_step's 'routing')")
+        out = []
+        for dt, r in zip(doc_types, routing, strict=True):
+            among = self.catalogue.tasks_for(dt) if dt is not None else self.catalogue.names
+            tasks = [t for t in among if r.get(t, {}).get("open", False)]
+            out.append(Resolution(self.ordered(tasks), GATE, dt))
+        return out
 
 
 @register_task_resolver
