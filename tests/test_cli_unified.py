@@ -206,6 +206,24 @@ def test_two_roots_write_two_run_folders(
     assert not (tmp_path / "runs").exists()
 
 
+def test_fit_default_config_on_a_classification_only_catalogue(
+    tiny_dataset_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tiny_dataset_factory("cls", n_train=8, n_val=4, n_test=4, task_types={"classification"})
+    assert "detection" not in (data / "tasks.yaml").read_text()
+    root = tmp_path / "run"
+    args = ["fit", "--config", str(CONFIGS / "unified.yaml"), *TINY, f"--data.root={data}"]
+    fit = [*args, f"--trainer.default_root_dir={root}", "--data.batch_size=4", "--trainer.max_epochs=1"]
+    assert main(fit) == 0
+    header = _read_metrics(root)[0].keys()
+    assert "val/doc_type/accuracy" in header and not [k for k in header if k.startswith("val/fields/")]
+    # an option key that is neither a registered task type nor a task of the catalogue is still an error
+    capsys.readouterr()
+    assert main([*fit, "--model.init_args.task_options={detektion: {num_queries: 4}}"]) == 2
+    err = capsys.readouterr().err
+    assert "detektion" in err and "neither task types" in err
+
+
 def test_image_size_is_written_once(tiny_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from idrecog.cli.train import build_cli
 
