@@ -24,6 +24,7 @@ FRAGMENTS = {
     "queries/text.yaml": "unified.yaml",
     "queries/multimodal.yaml": "unified.yaml",
     "encoders/hybrid.yaml": "unified.yaml",
+    "training/ema.yaml": "unified.yaml",
 }
 
 # a tiny model for CPU tests, as command-line overrides of unified.yaml (the encoder's img_size follows data's)

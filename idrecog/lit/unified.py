@@ -247,7 +247,10 @@ class UnifiedModule(L.LightningModule):
         gate_loss = self.model.interpreter.gate_loss(out["gate_logits"])
         return total + self.hparams.gate_loss_weight * gate_loss, loss_vec, weights, gate_loss
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | dict[str, Any] | None:
+        """train: the loss. val/test: ``{"loss", "outputs" (per task, as forward returns them), "present" [B, T]}``,
+        which Lightning hands to callbacks' ``on_{stage}_batch_end`` (per-sample reports without a second
+        forward pass, e.g. :class:`~idrecog.callbacks.classification_report.ClassificationReport`)."""
         if "image" not in batch:  # every sample of the batch was dropped (data.on_error: skip)
             return None
         images = batch["image"]
@@ -283,7 +286,9 @@ class UnifiedModule(L.LightningModule):
                     batch["targets"][task],
                     present[:, i],
                 )
-        return loss
+        if stage == "train":
+            return loss
+        return {"loss": loss, "outputs": out["outputs"], "present": present}
 
     def _check_finite(self, loss: Tensor, loss_vec: Tensor, gate_loss: Tensor) -> bool:
         """False (and a warning naming the tasks) for a non-finite loss; raises after too many in a row.
@@ -317,13 +322,13 @@ class UnifiedModule(L.LightningModule):
         return False
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train")  # type: ignore[return-value]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        return self._shared_step(batch, "val")  # type: ignore[return-value]
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        return self._shared_step(batch, "test")  # type: ignore[return-value]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (``ConfigError`` listing the differing tasks) a checkpoint trained on another catalogue,
