@@ -124,8 +124,8 @@ class RecordStart(L.Callback):
 def test_pretrain_sigterm_saves_then_resumes_from_last(
     image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """fit's reliability, shared: SIGTERM saves last.ckpt in the run folder and exits 143; ``--ckpt_path last``
-    resumes from it (read with weights_only=True); a file that needs code to unpickle is refused in one line."""
+    """fit's reliability, shared: SIGTERM saves last.ckpt in the run folder and exits 143; ``--ckpt_path`` (a file
+    or ``last``) resumes from it, read with weights_only=True; a file that needs code to unpickle is refused."""
     run = tmp_path / "mae_run"
     args = [
         "pretrain",
@@ -149,9 +149,15 @@ def test_pretrain_sigterm_saves_then_resumes_from_last(
     )  # the running batch finished, then the save
     assert not list(run.glob("checkpoints/*.tmp-*")) and not Path("runs").exists()  # all in the run folder
 
-    assert main([*args, "--ckpt_path", "last"]) == 0
+    # by path: its hyper-parameters are read (weights_only) into the model config, like fit's
+    resumed = tmp_path / "preempted.ckpt"
+    resumed.write_bytes(last.read_bytes())
+    assert main([*args, "--ckpt_path", str(resumed)]) == 0
     assert (run / "start_step.txt").read_text() == "2"
     assert torch.load(last, weights_only=True)["global_step"] == 3
+    # by name: `last` is the run folder's last.ckpt (Lightning's look-up), here the step-3 one
+    assert main([*args, "--trainer.max_steps=4", "--ckpt_path", "last"]) == 0
+    assert (run / "start_step.txt").read_text() == "3"
 
     marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": _Evil(marker)}}, evil)
