@@ -40,7 +40,7 @@ format: install ## ruff format and autofix
 	$(BIN)/ruff check --fix idrecog tests benchmarks
 
 bench: install ## run the CPU benchmarks and print their ratios
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.run_all
 
 clean: ## remove the venv, caches and generated outputs
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info data runs outputs lightning_logs wandb

@@ -5,7 +5,7 @@ class (classification), the training split's mean value (regression), every pixe
 pixel class (segmentation) and no boxes at all (detection). These are the floor the unified model must clear
 (docs/results.md puts them beside its test metrics).
 
-    python benchmarks/baselines.py [--root data/synthetic] [--split test]
+    python -m benchmarks.baselines [--root data/synthetic] [--split test]
 """
 
 from __future__ import annotations

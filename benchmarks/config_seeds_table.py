@@ -1,6 +1,6 @@
 """The table of ``benchmarks/gpu_config_seeds.sh``: one row per run (its log and CSV metrics under WORK).
 
-python benchmarks/config_seeds_table.py runs/gpu_cs
+python -m benchmarks.config_seeds_table runs/gpu_cs
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 frames, user features) with 0, 1 and 2 workers and ``cache_images`` off/on, against samples/s the default CPU
 config's model consumes in training, in one run.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--quick | --smoke] [--root data/bench_synth] [--threads 2]
+    .venv/bin/python -m benchmarks.data_pipeline [--quick | --smoke] [--root data/bench_synth] [--threads 2]
 
 The dataset is the synthetic benchmark at the default size (160 x 256), generated into ``--root`` on first use
 and reused after. Loader rows iterate ``train_dataloader()`` (augmentation on, shuffled) for ``--batches``
@@ -24,26 +24,29 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from benchmarks.common import (
+    UNIFIED_CONFIG,
+    cpu_parser,
+    ensure_dataset,
+    load_yaml,
+    parse_cpu_args,
+    plain_loss,
+    small_unified,
+)
 from idrecog.data.datamodule import IdDataModule
+from idrecog.tasks.catalogue import default_catalogue
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import build_module, plain_loss
-from unified_vs_separate import ensure_dataset
-
-CONFIG = Path(__file__).resolve().parents[1] / "lightning_configs" / "unified.yaml"
 DATA_KEYS = ("num_workers", "cache_images", "persistent_workers", "augment")
 
 
 def config_data() -> dict:
     """The DataModule loader settings of the default config (what `make run` trains with)."""
-    data = yaml.safe_load(CONFIG.read_text())["data"]
+    data = load_yaml(UNIFIED_CONFIG)["data"]
     defaults = {"num_workers": 0, "cache_images": False, "persistent_workers": False, "augment": True}
     return {k: data.get(k, defaults[k]) for k in DATA_KEYS}
 
@@ -77,7 +80,7 @@ def loader_rate(root: Path, args: argparse.Namespace, workers: int, cache: bool)
 
 def train_rate(root: Path, args: argparse.Namespace, fed: bool) -> float:
     """Training samples/s; ``fed=False``: pre-collated batches in memory, else the config's DataModule loader."""
-    module = build_module(tuple(args.img_size), args.depth, args.dec_dim).train()
+    module = small_unified(default_catalogue(), args.img_size, args.depth, args.dec_dim).train()
     opt = module.configure_optimizers()["optimizer"]
     dm = datamodule(root, args, **(args.cfg if fed else {"augment": args.cfg["augment"]}))
     loader = dm.train_dataloader()
@@ -109,28 +112,28 @@ FED = "training fed by the loader (unified.yaml's data settings)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cpu_parser(__doc__, batch=32, quick="4 batches, 6 steps, 1 repeat (~1.5 min on 2 cores)")
     p.add_argument("--root", default="data/bench_synth")
     p.add_argument("--train_samples", type=int, default=256, help="generated train samples (first use)")
     p.add_argument(
-        "--val_samples", type=int, default=64, help="as unified_vs_separate.py: one shared dataset"
+        "--val_samples", type=int, default=64, help="as benchmarks.unified_vs_separate: one shared dataset"
     )
-    p.add_argument("--batch", type=int, default=32, help="unified.yaml: 32")
     p.add_argument("--batches", type=int, default=6)
     p.add_argument("--train_steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--img_size", type=int, nargs=2, default=[160, 256])
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--dec_dim", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="4 batches, 6 steps, 1 repeat (~1.5 min on 2 cores)")
-    p.add_argument("--smoke", action="store_true", help="a tiny dataset and model: checks the script works")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.batches, args.train_steps, args.repeats = 4, 6, 1
-    if args.smoke:
-        args.batch, args.batches, args.train_steps, args.repeats = 2, 2, 1, 1
-        args.img_size, args.depth, args.threads, args.train_samples, args.val_samples = [64, 96], 1, 1, 8, 4
+    args = parse_cpu_args(
+        p,
+        argv,
+        quick={"batches": 4, "train_steps": 6, "repeats": 1},
+        smoke={
+            "batch": 2,
+            "batches": 2,
+            "train_steps": 1,
+            "repeats": 1,
+            "train_samples": 8,
+            "val_samples": 4,
+        },
+    )
     torch.set_num_threads(args.threads)
     args.cfg = config_data()
     if args.smoke:

@@ -2,7 +2,7 @@
 eager and ``torch.compile``, bf16 autocast, fused AdamW, SDPA attention (flash kernels).
 
     bash benchmarks/gpu_check.sh            # on a GPU machine; prints a Markdown table
-    python benchmarks/gpu_check.py --tiny   # CPU smoke run of the same code with a tiny ViT
+    python -m benchmarks.gpu_check --tiny   # CPU smoke run of the same code with a tiny ViT
 
 FLOPs of one training step (forward + backward) are counted with ``torch.utils.flop_counter.FlopCounterMode``
 (matmuls and attention); the optimiser's elementwise work is not counted. MFU = counted FLOPs per step x steps/s /

@@ -5,4 +5,4 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 290 python3 benchmarks/gpu_check.py "$@"
+timeout 290 python3 -m benchmarks.gpu_check "$@"

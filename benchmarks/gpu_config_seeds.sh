@@ -60,7 +60,7 @@ say "done"
   echo "# config seeds on $(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name --format=csv,noheader), $(date -u +%FT%TZ)"
   cat $WORK/logs/session.log
   echo
-  $PY benchmarks/config_seeds_table.py $WORK
+  $PY -m benchmarks.config_seeds_table $WORK
   for f in $WORK/logs/*.log; do echo "## tail $f"; tail -4 "$f"; done
 } >"$OUT_DIR/summary.md" 2>&1
 tar czf "$OUT_DIR/results.tgz" --exclude='*.ckpt' -C runs gpu_cs

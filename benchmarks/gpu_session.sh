@@ -55,15 +55,15 @@ SYNTH=$!
 if [ "${PHASES:-AB}" != B ]; then
 say "phase A: gpu_check"
 # MAE and unified compiles take ~90 s and ~70 s on one H200 (2026-11-27): 160 s cut the unified job off
-timeout 230 $PY benchmarks/gpu_check.py $GPU_CHECK >$LOGS/gpu_check.log 2>&1
+timeout 230 $PY -m benchmarks.gpu_check $GPU_CHECK >$LOGS/gpu_check.log 2>&1
 say "gpu_check rc=$?"
 if [ "${CUDA_GRAPHS:-0}" = 1 ] || [ "${SMOKE:-0}" = 1 ]; then  # measured 2026-11-27: no gain for MAE
-  timeout 80 $PY benchmarks/gpu_check.py $GPU_CHECK_RO >$LOGS/gpu_check_ro.log 2>&1
+  timeout 80 $PY -m benchmarks.gpu_check $GPU_CHECK_RO >$LOGS/gpu_check_ro.log 2>&1
   say "gpu_check reduce-overhead rc=$?"
 fi
 if [ "${MAE_SPEED:-0}" = 1 ]; then
   say "phase A: mae_speed"
-  timeout 90 $PY benchmarks/mae_speed.py $MAE_SPEED >$LOGS/mae_speed.log 2>&1
+  timeout 90 $PY -m benchmarks.mae_speed $MAE_SPEED >$LOGS/mae_speed.log 2>&1
   say "mae_speed rc=$?"
 fi
 fi
@@ -88,7 +88,7 @@ say "phase B"
 ) >$LOGS/unified_long.log 2>&1 &
 if [ "${SMOKE:-0}" = 1 ]; then MT="--smoke"; else
   MT="--accelerator gpu --time-budget $((B - 10)) --seeds 0 1 2 --pretrain-seconds 60 --finetune-steps 90"; fi
-timeout $B $PY benchmarks/mae_transfer.py $MT --data $DATA --out runs/gpu_session/mae_transfer \
+timeout $B $PY -m benchmarks.mae_transfer $MT --data $DATA --out runs/gpu_session/mae_transfer \
   >$LOGS/mae_transfer.log 2>&1 &
 if [ "${SMOKE:-0}" = 1 ]; then
   TR="--train 60 --val 20 --time-budget $((B - 10)) --num-workers 1 --threads 1"
@@ -96,7 +96,7 @@ else
   TR="--time-budget $((B - 20)) --steps 280 --accelerator gpu --precision bf16-mixed --num-workers 3 --threads 2"
 fi
 for S in ${TR_SEEDS:-1 2}; do
-  timeout $B $PY benchmarks/task_resolution.py --source $DATA $TR --seed $S --work /tmp/task_resolution_s$S \
+  timeout $B $PY -m benchmarks.task_resolution --source $DATA $TR --seed $S --work /tmp/task_resolution_s$S \
     --out runs/gpu_session/task_resolution_s$S >$LOGS/task_resolution_s$S.log 2>&1 &
 done
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -105,7 +105,7 @@ else
   QD="--accelerator gpu --time-budget $((B - 15)) --seeds 0 1 --min-steps 300 --num-workers 4 --threads 1"
 fi
 if [ "${QUERY_DESIGNS:-0}" = 1 ]; then
-  timeout $B $PY benchmarks/query_designs.py --data $DATA $QD --no-augment --text-model tiny \
+  timeout $B $PY -m benchmarks.query_designs --data $DATA $QD --no-augment --text-model tiny \
     --out runs/gpu_session/query_designs >$LOGS/query_designs.log 2>&1 &
 fi
 wait

@@ -39,7 +39,7 @@ cat $DATA/*.jsonl | sha256sum | sed 's/^/manifest sha256 /' | tee -a $WORK/logs/
 say "task resolution, seeds $SEEDS, settings: $(echo $TR)"
 for S in $SEEDS; do
   # shellcheck disable=SC2086
-  timeout $((${BUDGET:-430} + 60)) $PY benchmarks/task_resolution.py --source $DATA $TR \
+  timeout $((${BUDGET:-430} + 60)) $PY -m benchmarks.task_resolution --source $DATA $TR \
     --classifier-share 0.12 --classifier-max-epochs 30 --seed $S --work /tmp/gpu_tr_s$S --out $WORK/s$S \
     >$WORK/logs/task_resolution_s$S.log 2>&1 &
 done

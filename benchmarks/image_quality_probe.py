@@ -11,7 +11,7 @@
 Model and optimiser as ``lightning_configs/unified.yaml`` (ViT-Tiny depth 4, decoder 128 x 2, AdamW lr 2e-3,
 weight decay 0.05, 50 warm-up steps then cosine, batch 32). Results: docs/results.md, "Encoder learning rate".
 
-    python benchmarks/image_quality_probe.py --data data/synthetic --ckpt runs/unified/checkpoints/best.ckpt
+    python -m benchmarks.image_quality_probe --data data/synthetic --ckpt runs/unified/checkpoints/best.ckpt
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ One training step = forward + backward + AdamW step, random images, mask ratio 0
 encoder and decoder sizes; only what the encoder sees differs. The two modes are timed side by side (alternating,
 after a warm-up step each) and the median step time is reported, so machine load affects both alike.
 
-    .venv/bin/python benchmarks/mae_speed.py                 # CPU, batch 32: tiny default, ViT-S/16, decoder sweep
-    .venv/bin/python benchmarks/mae_speed.py --device cuda --batch_size 128 --amp --models tiny,small,base
+    .venv/bin/python -m benchmarks.mae_speed                 # CPU, batch 32: tiny default, ViT-S/16, decoder sweep
+    .venv/bin/python -m benchmarks.mae_speed --device cuda --batch_size 128 --amp --models tiny,small,base
 
 Prints a Markdown table and the speed-ups (visible / all images per second), beside the FLOP ratio of the two
 steps (forward + backward FLOPs counted with ``torch.utils.flop_counter``): the speed-up the step would reach if

@@ -1,7 +1,7 @@
 """MAE transfer: fine-tune the unified model from MAE-pretrained encoder weights and from scratch, same budget.
 
-    python3 benchmarks/mae_transfer.py --time-budget 285      # GPU (defaults sized for ~300 s) -> runs/mae_transfer
-    .venv/bin/python benchmarks/mae_transfer.py --smoke       # CPU check, tiny, ~1.5 min -> runs/mae_transfer_smoke
+    python3 -m benchmarks.mae_transfer --time-budget 285      # GPU (defaults sized for ~300 s) -> runs/mae_transfer
+    .venv/bin/python -m benchmarks.mae_transfer --smoke       # CPU check, tiny, ~1.5 min -> runs/mae_transfer_smoke
 
 1. **Pretrain.** MAE-pretrains the encoder of the default unified config (the ``model.init_args.encoder`` block of
    ``lightning_configs/unified.yaml``: ViT-Tiny, depth 4, 160 x 256) with ``MAEPretrainModule`` and the settings
@@ -56,7 +56,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -75,10 +74,26 @@ import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared benchmark helpers
-from deadline import exit_at  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REPO,
+    UNIFIED_CONFIG,
+    Budget,
+    StepTimer,
+    bare_argv,
+    derive_config,
+    ensure_dataset,
+    exit_at,
+    load_yaml,
+    loader_settings,
+    merged,
+    quiet_trainer,
+    resolve_device,
+    unified_cli,
+    validate_once,
+    write_results,
+    write_yaml,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 ARMS = ("mae", "scratch")
 OUT_DEFAULT = "runs/mae_transfer"
 
@@ -97,48 +112,20 @@ def log(msg: str) -> None:
     print(f"[mae_transfer] {time.monotonic() - T0:6.1f}s {msg}", flush=True)
 
 
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = float(seconds)
-        self.deadline = T0 + self.seconds
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-def hms(seconds: float) -> str:
-    """Lightning's max_time string, DD:HH:MM:SS (whole seconds, at least 1)."""
-    s = max(1, int(seconds))
-    return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def quiet_trainer(
-    tr: dict[str, Any], args: argparse.Namespace, root: Path, max_steps: int, max_time_s: float, **extra: Any
-) -> dict[str, Any]:
-    """The trainer section of a generated config, updated in place for one time-boxed run: the chosen device,
-    ``max_steps`` and ``max_time``, no validation during training, no progress bar, summary or checkpoints, CSV
-    logs under ``root``."""
-    tr.update(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
+def run_trainer(
+    args: argparse.Namespace, root: Path, max_steps: int, max_time_s: float, **extra: Any
+) -> dict:
+    """The trainer section of one time-boxed run's config: quiet, CSV logs under ``root``."""
+    return quiet_trainer(
+        args.accelerator,
+        args.precision,
+        root,
+        max_time_s=max_time_s,
+        csv_logs=True,
         max_steps=max_steps,
-        max_epochs=-1,
-        max_time=hms(max_time_s),
-        limit_val_batches=0,
         val_check_interval=1.0,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(root),
         **extra,
     )
-    tr["logger"] = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(root), "name": "lightning_logs"},
-    }
-    return tr
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -179,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default GPU 2, CPU 1)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole script (GPU 300)")
-    p.add_argument("--unified-config", default=str(REPO / "lightning_configs/unified.yaml"))
+    p.add_argument("--unified-config", default=str(UNIFIED_CONFIG))
     p.add_argument("--pretrain-config", default=str(REPO / "idrecog/configs/pretrain_mae.yaml"))
     p.add_argument(
         "--set",
@@ -207,8 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
-    if args.accelerator == "auto":
-        args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    args.accelerator, args.precision = resolve_device(args.accelerator, args.precision)
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("--accelerator gpu: no CUDA device")
     gpu = args.accelerator == "gpu"
@@ -219,9 +205,6 @@ def resolve_defaults(args: argparse.Namespace) -> None:
             return value
         return smoke if s else on_gpu if gpu else on_cpu
 
-    args.precision = pick(args.precision, "bf16-mixed" if gpu else "32-true", "bf16-mixed", "32-true")
-    if args.precision == "32":
-        args.precision = "32-true"
     args.num_workers = pick(args.num_workers, 0, 4, 1)
     args.batch_size = pick(args.batch_size, 4, None, None)  # None: the config's
     args.pretrain_batch_size = pick(args.pretrain_batch_size, 8, 512, 32)
@@ -414,15 +397,9 @@ def report(out: Path, budget_hit: bool = False) -> None:
         STATE["summary"] = summary
         STATE["budget_hit"] = budget_hit
         STATE["elapsed_s"] = time.monotonic() - T0
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.md").write_text(text, encoding="utf-8")
-        (out / "results.json").write_text(json.dumps(STATE, indent=2, default=str), encoding="utf-8")
+        js, md = write_results(out, STATE, text)
         print("\n" + text, flush=True)
-        print(
-            f"[mae_transfer] wrote {out / 'results.json'} and {out / 'results.md'} "
-            f"({STATE['elapsed_s']:.1f} s in all)",
-            flush=True,
-        )
+        print(f"[mae_transfer] wrote {js} and {md} ({STATE['elapsed_s']:.1f} s in all)", flush=True)
 
 
 def expire(out: Path) -> None:
@@ -436,17 +413,6 @@ def expire(out: Path) -> None:
 def count_lines(path: Path) -> int:
     with path.open(encoding="utf-8") as f:
         return sum(1 for ln in f if ln.strip())
-
-
-def ensure_smoke_data(root: Path, img_size: tuple[int, int]) -> Path:
-    if not (root / "tasks.yaml").is_file():
-        from idrecog.synth.generate import generate_dataset
-
-        log(f"generating the smoke dataset into {root} (40 train / 12 val, {img_size[0]}x{img_size[1]})")
-        generate_dataset(
-            root, train=40, val=12, test=0, height=img_size[0], width=img_size[1], workers=1, progress=False
-        )
-    return root
 
 
 class DeviceAugmentedImages(L.LightningDataModule):
@@ -608,41 +574,7 @@ def make_pretrain_monitor(deadline: float, warmup_frac: float, mark_step: int, l
     return PretrainMonitor()
 
 
-def make_step_timer() -> Any:
-    class StepTimer(Callback):
-        """Wall time of every step end (UnifiedModule syncs each step: its finite-loss check reads the loss)."""
-
-        def __init__(self) -> None:
-            self.t_start: float | None = None
-            self.ends: list[float] = []
-
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.t_start = time.monotonic()
-
-        def on_train_batch_end(
-            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-        ) -> None:
-            self.ends.append(time.monotonic())
-
-    return StepTimer()
-
-
 # ---------------------------------------------------------------------------------------------- phases
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
-
-
-def write_yaml(obj: dict[str, Any], path: Path) -> Path:
-    import yaml
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(obj, sort_keys=False), encoding="utf-8")
-    return path
-
-
 def encoder_block(args: argparse.Namespace, unified: dict[str, Any]) -> dict[str, Any]:
     enc = copy.deepcopy(unified["model"]["init_args"]["encoder"])
     enc.setdefault("init_args", {})["img_size"] = list(args.img_size)
@@ -681,45 +613,40 @@ def pretrain(
             f"pretraining shortened from {args.pretrain_seconds:.0f} s to {seconds:.0f} s to leave "
             f"{reserve:.0f} s for {n_runs} fine-tunes in the {args.time_budget:.0f} s budget"
         )
-    cfg = load_yaml(args.pretrain_config)
-    cfg["seed_everything"] = 0
-    cfg["model"]["encoder"] = encoder_block(args, unified)
+    model_over: dict[str, Any] = {
+        "encoder": encoder_block(args, unified),
+        # the lr stays near 0 until the step rate is known (a second or two), then PretrainMonitor sets the real
+        # warm-up (--pretrain-warmup of the steps that fit) and the cosine's length
+        "warmup_steps": 10**6,
+    }
     if args.pretrain_base_lr is not None:
-        cfg["model"]["base_lr"] = float(args.pretrain_base_lr)
-    # the lr stays near 0 until the step rate is known (a second or two), then PretrainMonitor sets the real
-    # warm-up (--pretrain-warmup of the steps that fit) and the cosine's length
-    cfg["model"]["warmup_steps"] = 10**6
+        model_over["base_lr"] = float(args.pretrain_base_lr)
     pdir = out / "pretrain"
-    tr = quiet_trainer(
-        cfg["trainer"],
+    trainer_over = run_trainer(
         args,
         pdir,
         max_steps=10**7,  # sized to the time once the step rate is known (PretrainMonitor)
         max_time_s=seconds,
         log_every_n_steps=50 if gpu else 5,
         check_val_every_n_epoch=1,
+        callbacks=[
+            {
+                "class_path": "idrecog.callbacks.MAEReconstructionImages",
+                "init_args": {"every_n_steps": 0, "num_images": 4},
+            }
+        ],
     )
-    tr["callbacks"] = [
-        {
-            "class_path": "idrecog.callbacks.MAEReconstructionImages",
-            "init_args": {"every_n_steps": 0, "num_images": 4},
-        }
-    ]
-    d = cfg["data"]
-    d.update(
-        source="manifest",
-        path=str(args.data),
-        img_size=list(args.img_size),
-        batch_size=args.pretrain_batch_size,
-        num_workers=args.num_workers,
-        persistent_workers=args.num_workers > 0,
-        pin_memory=gpu,
-        val_samples=64,
-    )
-    cfg_path = write_yaml(cfg, out / "configs" / "pretrain.yaml")
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
+    data_over = {
+        "source": "manifest",
+        "path": str(args.data),
+        "img_size": list(args.img_size),
+        "batch_size": args.pretrain_batch_size,
+        **loader_settings(args.num_workers, args.accelerator),
+        "val_samples": 64,
+    }
+    over = {"seed_everything": 0, "model": model_over, "trainer": trainer_over, "data": data_over}
+    cfg_path = derive_config(out / "configs" / "pretrain.yaml", over, base=args.pretrain_config)
+    with bare_argv():
         cli = LightningCLI(
             MAEPretrainModule,
             PretrainDataModule,
@@ -727,8 +654,6 @@ def pretrain(
             run=False,
             save_config_kwargs={"overwrite": True},
         )
-    finally:
-        sys.argv = saved
     model, pdm, trainer = cli.model, cli.datamodule, cli.trainer
     pdm.setup()
     train_files = list(pdm.train_dataset.files)
@@ -828,41 +753,35 @@ def finetune_config(
     max_time_s: float,
     n_labelled: int,
 ) -> Path:
-    cfg = copy.deepcopy(unified)
     rdir = out / "finetune" / name
-    cfg["seed_everything"] = int(seed)
-    # validation runs once, after training
-    tr = quiet_trainer(
-        cfg["trainer"],
-        args,
-        rdir,
-        max_steps=int(steps),
-        max_time_s=max_time_s,
-        log_every_n_steps=max(1, min(10, steps)),
-    )
-    tr["callbacks"] = []
-    m = cfg["model"]["init_args"]
-    m["encoder"] = encoder_block(args, unified)
-    m["encoder"]["init_args"]["init_from"] = str(init_from) if init_from else None
+    enc = encoder_block(args, unified)
+    enc["init_args"]["init_from"] = str(init_from) if init_from else None
+    model_over: dict[str, Any] = {"encoder": enc}
     if steps < 250:
-        m["warmup_steps"] = min(int(m.get("warmup_steps", 50)), max(1, steps // 5))
-    d = cfg["data"]
-    d.update(
-        root=str(args.data),
-        synthesize_if_missing=False,
-        img_size=list(args.img_size),
-        limit_train_samples=int(n_labelled),
-        seed=int(args.subset_seed),
-        num_workers=args.num_workers,
-        persistent_workers=args.num_workers > 0,
-        pin_memory=args.accelerator == "gpu",
+        warmup = unified["model"]["init_args"].get("warmup_steps", 50)
+        model_over["warmup_steps"] = min(int(warmup), max(1, steps // 5))
+    data_over: dict[str, Any] = {
+        "root": str(args.data),
+        "synthesize_if_missing": False,
+        "img_size": list(args.img_size),
+        "limit_train_samples": int(n_labelled),
+        "seed": int(args.subset_seed),
+        **loader_settings(args.num_workers, args.accelerator),
         # a few hundred labelled images seen many times: augmented, as in the recorded runs (the default
         # 3-epoch job of unified.yaml trains without augmentation)
-        augment=True,
-    )
+        "augment": True,
+    }
     if args.batch_size:
-        d["batch_size"] = int(args.batch_size)
-    for item in args.set:
+        data_over["batch_size"] = int(args.batch_size)
+    over = {
+        "seed_everything": int(seed),
+        # validation runs once, after training
+        "trainer": run_trainer(args, rdir, int(steps), max_time_s, log_every_n_steps=max(1, min(10, steps))),
+        "model": {"init_args": model_over},
+        "data": data_over,
+    }
+    cfg = merged(unified, over)
+    for item in args.set:  # last: --set wins over the settings above
         apply_override(cfg, item)
     return write_yaml(cfg, out / "configs" / f"{name}.yaml")
 
@@ -893,36 +812,26 @@ def run_finetune(
     n_labelled: int,
     ref_weight: Any = None,
 ) -> dict[str, Any]:
-    from idrecog.cli.train import build_cli
-
     path = finetune_config(args, unified, name, out, seed, steps, init_from, max_time_s, n_labelled)
-    t0 = time.monotonic()
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        cli = build_cli(["--config", str(path)], run=False)
-    finally:
-        sys.argv = saved
+    t0 = time.perf_counter()  # the step timer's clock
+    cli = unified_cli(["--config", str(path)])
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     res: dict[str, Any] = {"name": name, "seed": seed, "config": str(path), "steps_planned": steps}
     if ref_weight is not None:
         w = model.model.encoder.vit.patch_embed.proj.weight.detach().cpu()
         blk = model.model.encoder.vit.blocks[-1].mlp.fc2.weight.detach().cpu()
         res["handoff_ok"] = bool(torch.equal(w, ref_weight[0]) and torch.equal(blk, ref_weight[1]))
-    timer = make_step_timer()
+    timer = StepTimer()  # UnifiedModule syncs each step (its finite-loss check reads the loss): no sync here
     trainer.callbacks.append(timer)
     trainer.fit(model, datamodule=dm)
-    t_fit = time.monotonic()
+    t_fit = time.perf_counter()
     res["steps_done"] = int(trainer.global_step)
     res["fit_s"] = t_fit - t0
     res["first_step_s"] = (timer.ends[0] - t0) if timer.ends else None
-    k = min(3, len(timer.ends) - 1)
-    if len(timer.ends) - k >= 3:
-        res["steps_per_s"] = (len(timer.ends) - 1 - k) / (timer.ends[-1] - timer.ends[k])
-    trainer.limit_val_batches = 1.0
-    metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-    res["val_s"] = time.monotonic() - t_fit
-    res["metrics"] = {k2: float(v) for k2, v in metrics.items()}
+    if len(timer.ends) >= 6:  # the rate after 3 warm-up steps, over 2 steps at least
+        res["steps_per_s"] = timer.steps_per_s(skip=3)
+    res["metrics"] = validate_once(trainer, model, dm)
+    res["val_s"] = time.perf_counter() - t_fit
     res["n_train"] = len(dm.datasets["train"]) if "train" in dm.datasets else None
     res["n_val"] = len(dm.datasets["val"]) if "val" in dm.datasets else None
     res["batch_size"] = dm.batch_size
@@ -978,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     resolve_defaults(args)
-    budget = Budget(args.time_budget)
+    budget = Budget(args.time_budget, T0)
     watchdog = exit_at(budget.left() - 2.0, lambda: expire(out), 0)
     torch.set_num_threads(args.threads)
     if args.accelerator == "gpu":
@@ -988,7 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.img_size is None:
         args.img_size = tuple(unified["data"].get("img_size") or (160, 256))
     if args.smoke:
-        args.data = str(ensure_smoke_data(out / "smoke_data", args.img_size))
+        args.data = str(
+            ensure_dataset(out / "smoke_data", 40, 12, args.img_size, workers=1, progress=False, say=log)
+        )
         note(
             "smoke mode: a 40/12-sample dataset at 64x96, 20 labelled samples, batch 4, seconds-long runs: "
             "checks the script, not the claim"

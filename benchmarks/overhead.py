@@ -2,7 +2,7 @@
 over the same ``nn.Module`` (``module.model``), the same loss computation, the same AdamW (and lr schedule), on
 the same pre-generated batches, in one run.
 
-    .venv/bin/python benchmarks/overhead.py [--quick | --smoke] [--threads 2]
+    .venv/bin/python -m benchmarks.overhead [--quick | --smoke] [--threads 2]
 
 Three variants, alternated ``--repeats`` times; each runs ``--warmup`` + ``--steps`` steps and the per-step time
 (wall clock between consecutive step ends, so data fetch and hooks are included) of the last ``--steps`` is
@@ -20,7 +20,6 @@ calls ``self.log``: that bookkeeping is part of what the framework costs, so it 
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import tempfile
 import time
@@ -29,31 +28,19 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import make_random_batch, precollated_loader
+from benchmarks.common import (
+    StepTimer,
+    cpu_parser,
+    intervals,
+    make_random_batch,
+    parse_cpu_args,
+    plain_loss,
+    precollated_loader,
+    quiet_trainer,
+    small_unified,
+)
 from idrecog.lit.unified import UnifiedModule
-from idrecog.models.decoder import TaskDecoder
-from idrecog.models.encoder import ViTEncoder
 from idrecog.tasks.catalogue import default_catalogue
-
-
-def build_module(img_size: tuple[int, int], depth: int, dec_dim: int, seed: int = 0) -> UnifiedModule:
-    """The default CPU config's model (lightning_configs/unified.yaml) at the given encoder depth."""
-    torch.manual_seed(seed)
-    return UnifiedModule(
-        catalogue=default_catalogue().to_dict(),
-        encoder=ViTEncoder("vit_tiny_patch16_224", img_size=img_size, depth=depth, drop_path_rate=0.0),
-        decoder=TaskDecoder(dim=dec_dim, depth=2, num_heads=4),
-        task_options={"detection": {"num_queries": 16}},
-        encoder_lr_scale=1.0,
-        layer_decay=0.9,
-        warmup_steps=100,
-    )
-
-
-def plain_loss(module: UnifiedModule, batch: dict[str, Any]) -> torch.Tensor:
-    """What ``UnifiedModule._shared_step`` computes for the gradient, without logging or meters."""
-    out = module.model(batch["image"], batch=batch, route="known")
-    return module.compute_losses(out, batch)[0]
 
 
 def time_plain(module: UnifiedModule, batches: list[dict[str, Any]]) -> list[float]:
@@ -68,53 +55,25 @@ def time_plain(module: UnifiedModule, batches: list[dict[str, Any]]) -> list[flo
         opt.step()
         sched.step()
         ends.append(time.perf_counter())
-    return [b - a for a, b in itertools.pairwise(ends)]
-
-
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.ends.append(time.perf_counter())
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-        self.ends.append(time.perf_counter())
-
-    @property
-    def times(self) -> list[float]:
-        return [b - a for a, b in itertools.pairwise(self.ends)]
+    return intervals(ends)
 
 
 def time_lightning(module: UnifiedModule, batches: list[dict[str, Any]], default_config: bool) -> list[float]:
     timer = StepTimer()
     loader = precollated_loader(batches)
     with tempfile.TemporaryDirectory() as tmp:
+        extra: dict[str, Any] = {"callbacks": [timer]}
         if default_config:  # lightning_configs/unified.yaml's trainer section, checkpointing aside
-            extra: dict[str, Any] = {
+            extra = {
                 "logger": L.pytorch.loggers.CSVLogger(tmp, name="lightning_logs"),
                 "log_every_n_steps": 10,
+                "enable_progress_bar": True,
+                "enable_model_summary": True,
                 "callbacks": [L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"), timer],
             }
-        else:
-            extra = {
-                "logger": False,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-                "callbacks": [timer],
-            }
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="32-true",
-            max_epochs=1,
-            default_root_dir=tmp,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-            **extra,
-        )
+        trainer = L.Trainer(**quiet_trainer("cpu", "32-true", tmp, max_epochs=1, **extra))
         trainer.fit(module, train_dataloaders=loader)
-    return timer.times
+    return timer.step_times
 
 
 VARIANTS = ("plain", "lightning (default config)", "lightning (bare)")
@@ -132,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     per_variant: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(args.repeats):
         for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:  # alternate the order against drift
-            module = build_module(size, args.depth, args.dec_dim)
+            module = small_unified(cat, size, args.depth, args.dec_dim)
             if v == "plain":
                 times = time_plain(module, batches)
             else:
@@ -151,23 +110,16 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16)
+    p = cpu_parser(__doc__, batch=16, quick="batch 8, 12 steps, 2 repeats (~1-2 min on 2 cores)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--img_size", type=int, nargs=2, default=[160, 256])
-    p.add_argument("--depth", type=int, default=4, help="encoder depth (default config: 4)")
-    p.add_argument("--dec_dim", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="batch 8, 12 steps, 2 repeats (~1-2 min on 2 cores)")
-    p.add_argument("--smoke", action="store_true", help="a tiny setting that only checks the script works")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.batch, args.steps, args.repeats = 8, 12, 2
-    if args.smoke:
-        args.batch, args.steps, args.warmup, args.repeats = 2, 2, 1, 1
-        args.img_size, args.depth, args.dec_dim, args.threads = [64, 96], 1, 64, 1
+    args = parse_cpu_args(
+        p,
+        argv,
+        quick={"batch": 8, "steps": 12, "repeats": 2},
+        smoke={"batch": 2, "steps": 2, "warmup": 1, "repeats": 1},
+    )
     run(args)
     return 0
 

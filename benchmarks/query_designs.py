@@ -19,11 +19,11 @@ in ``OUT/tiny-bert`` (no weights needed: the text then only tells the tasks apar
 folder; ``auto`` (default) = the package when installed, else ``tiny``. The output names the one used.
 
     # one GPU, under 5 minutes in all (2 seeds if each run still gets 300 steps, else seed 0 only)
-    python3 benchmarks/query_designs.py --accelerator gpu --data data/synthetic --time-budget 285 \\
+    python3 -m benchmarks.query_designs --accelerator gpu --data data/synthetic --time-budget 285 \\
         --seeds 0 1 --min-steps 300 --no-augment --num-workers 4 --threads 1 --text-model tiny \\
         --out runs/query_designs
     # CPU smoke
-    .venv/bin/python benchmarks/query_designs.py --budget 20 --train 200 --val 100 --img 64 96 --small --threads 1
+    .venv/bin/python -m benchmarks.query_designs --budget 20 --train 200 --val 100 --img 64 96 --small --threads 1
 """
 
 from __future__ import annotations
@@ -48,10 +48,20 @@ from typing import Any
 T_START = time.monotonic()
 
 import torch  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable as `python3 benchmarks/query_designs.py` without installing idrecog
+from benchmarks.common import (  # noqa: E402
+    Budget,
+    StepTimer,
+    derive_config,
+    ensure_dataset,
+    intervals,
+    loader_settings,
+    quiet_trainer,
+    resolve_device,
+    unified_cli,
+    validate_once,
+    write_results,
+)
 from idrecog.models.queries import COMBINES  # noqa: E402
 
 DESIGNS = ("learned", "text", "multimodal")
@@ -61,41 +71,6 @@ REPORT_RESERVE_S = 12.0  # kept back from the time budget for validation bookkee
 
 class OutOfTime(Exception):
     """The whole script's time budget is spent (raised by the SIGALRM guard)."""
-
-
-class Throughput(Callback):
-    """Train images/s, wall clock from the end of the first batch (warm-up) to the end of the last one, so the
-    data loading between steps is included; and the step times (batch start to batch start)."""
-
-    def __init__(self) -> None:
-        self.t0: float | None = None
-        self.images = 0
-        self.first_end: float | None = None
-        self.last_end: float | None = None
-        self.step_times: list[float] = []
-        self.first_batch_at: float | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[override]
-        now = time.perf_counter()
-        if self.first_batch_at is None:
-            self.first_batch_at = now
-        if self.t0 is not None:
-            self.step_times.append(now - self.t0)
-        self.t0 = now
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-        now = time.perf_counter()
-        if self.first_end is None:
-            self.first_end = now
-        else:
-            self.images += int(batch["image"].shape[0])
-            self.last_end = now
-
-    @property
-    def images_per_s(self) -> float:
-        if self.first_end is None or self.last_end is None or self.last_end <= self.first_end:
-            return float("nan")
-        return self.images / (self.last_end - self.first_end)
 
 
 # ---------------------------------------------------------------------------------------------- text encoder
@@ -152,38 +127,40 @@ def resolve_text_model(choice: str, out: Path, texts: list[str]) -> tuple[str | 
 def cli_args(
     design: str, seed: int, steps: int, args: argparse.Namespace, data: Path, out: Path
 ) -> list[str]:
+    """One run's ``idrecog fit`` arguments: the config every design shares, derived from
+    ``lightning_configs/unified.yaml`` (written to ``OUT/DESIGN-sSEED/derived.yaml``), then the design and its
+    options, then ``--set``."""
     h, w = args.img
     run_dir = out / f"{design}-s{seed}"
-    argv = [
-        f"--config={REPO / 'lightning_configs/unified.yaml'}",
-        f"--model.queries={design}",
-        f"--seed_everything={seed}",
-        f"--data.root={data}",
-        "--data.synthesize_if_missing=false",
-        f"--data.img_size=[{h}, {w}]",
-        f"--model.encoder.init_args.img_size=[{h}, {w}]",
-        f"--data.batch_size={args.batch_size}",
-        f"--data.num_workers={args.num_workers}",
-        f"--data.persistent_workers={str(args.num_workers > 0).lower()}",
-        f"--data.pin_memory={str(args.accelerator == 'gpu').lower()}",
-        f"--data.augment={str(not args.no_augment).lower()}",
-        f"--trainer.accelerator={args.accelerator}",
-        "--trainer.devices=1",
-        f"--trainer.precision={args.precision}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.max_epochs=-1",
-        "--trainer.max_time=null",
-        "--trainer.limit_val_batches=0",  # validated once after training (a max_time cut must not skip it)
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.logger.init_args.save_dir={run_dir}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.log_every_n_steps={max(1, min(10, steps // 5))}",
-        f"--model.lr={args.lr}",
-        f"--model.warmup_steps={max(1, steps // 10)}",
-    ]
+    model: dict[str, Any] = {
+        "encoder": {"init_args": {"img_size": [h, w]}},
+        "lr": args.lr,
+        "warmup_steps": max(1, steps // 10),
+    }
     if args.small:
-        argv += ["--model.encoder.init_args.depth=2", "--model.decoder.init_args.depth=1"]
+        model["encoder"]["init_args"]["depth"] = 2
+        model["decoder"] = {"init_args": {"depth": 1}}
+    over = {
+        "seed_everything": seed,
+        "trainer": quiet_trainer(
+            args.accelerator,
+            args.precision,
+            run_dir,
+            csv_logs=True,  # the compare report reads them
+            max_steps=steps,
+            log_every_n_steps=max(1, min(10, steps // 5)),
+        ),
+        "model": {"init_args": model},
+        "data": {
+            "root": str(data),
+            "synthesize_if_missing": False,
+            "img_size": [h, w],
+            "batch_size": args.batch_size,
+            **loader_settings(args.num_workers, args.accelerator),
+            "augment": not args.no_augment,
+        },
+    }
+    argv = [f"--config={derive_config(run_dir / 'derived.yaml', over)}", f"--model.queries={design}"]
     if design in ("text", "multimodal") and args.text_dir is not None:
         argv += [f"--model.queries.model_dir={args.text_dir}"]
     if design in ("text", "multimodal") and args.combine:
@@ -206,39 +183,25 @@ def run_one(
     max_time_s: float | None = None,
     validate: bool = True,
 ) -> dict[str, Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+    from lightning.pytorch.callbacks import Timer
 
-    from idrecog.callbacks.prediction_writer import JsonlPredictionWriter
-    from idrecog.cli.train import build_cli
-
-    t0 = time.perf_counter()
-    argv0, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI gets its arguments from the list, not ours
-    try:
-        cli = build_cli(cli_args(design, seed, steps, args, data, out), run=False)
-    finally:
-        sys.argv = argv0
+    t0 = time.perf_counter()  # the step timer's clock
+    cli = unified_cli(cli_args(design, seed, steps, args, data, out))
     trainer = cli.trainer
-    tp = Throughput()
-    # no checkpoints or prediction files: this benchmark only needs the metrics
-    trainer.callbacks = [
-        cb for cb in trainer.callbacks if not isinstance(cb, ModelCheckpoint | JsonlPredictionWriter)
-    ]
+    tp = StepTimer()
     trainer.callbacks.append(tp)
     if max_time_s is not None:
         trainer.callbacks.append(Timer(duration=timedelta(seconds=max(1.0, max_time_s)), interval="step"))
     t_fit = time.perf_counter()
     trainer.fit(cli.model, datamodule=cli.datamodule)
     t_val = time.perf_counter()
-    metrics: dict[str, float] = {}
-    if validate:
-        trainer.limit_val_batches = 1.0
-        res = trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in (res[0] if res else {}).items()}
+    metrics = validate_once(trainer, cli.model, cli.datamodule) if validate else {}
     t_end = time.perf_counter()
     model = cli.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    st = tp.step_times[2:] or tp.step_times
+    starts = intervals(tp.batch_starts)  # batch start to batch start, data loading included
+    st = starts[2:] or starts
     catalogue, done_steps = cli.model.catalogue, int(trainer.global_step)
     combine = getattr(cli.model.model.queries, "combine", None)  # the provider's own default unless --combine
     # release this run's loader workers (and their image caches) and GPU memory before the next run
@@ -258,9 +221,9 @@ def run_one(
         "metrics": metrics,
         "params_trainable": trainable,
         "params_total": total,
-        "train_images_per_s": tp.images_per_s,
+        "train_images_per_s": tp.images_per_s(),
         "step_s_median": sorted(st)[len(st) // 2] if st else float("nan"),
-        "setup_s": (tp.first_batch_at or t_val) - t0,
+        "setup_s": (tp.batch_starts[0] if tp.batch_starts else t_val) - t0,
         "fit_s": t_val - t_fit,
         "val_s": t_end - t_val,
         "wall_s": t_end - t0,
@@ -312,6 +275,13 @@ def default_combine(design: str) -> str | None:
 
     cls = {"text": TextQueries, "multimodal": MultimodalQueries}.get(design)
     return None if cls is None else inspect.signature(cls).parameters["combine"].default
+
+
+def skipped_run(design: str, seed: int, why: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A run that did not train (``why``); it carries the design's settings that ``label`` names."""
+    mode = args.image_mode if design == "multimodal" else None
+    combine = args.combine if design in ("text", "multimodal") else None
+    return {"design": design, "seed": seed, "image_mode": mode, "combine": combine, "skipped": why}
 
 
 def label(r: dict[str, Any]) -> str:
@@ -401,11 +371,7 @@ def markdown(results: list[dict[str, Any]], baselines: dict[str, float], meta: d
 def write_outputs(out: Path, results: list[dict[str, Any]], baselines: dict, meta: dict) -> str:
     md = markdown(results, baselines, meta)
     plain = [{k: v for k, v in r.items() if k != "catalogue"} for r in results]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"meta": meta, "baselines": baselines, "runs": plain}, indent=2, default=str)
-    )
-    (out / "results.md").write_text(md + "\n")
+    write_results(out, {"meta": meta, "baselines": baselines, "runs": plain}, md)
     return md
 
 
@@ -482,10 +448,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train nothing: merge earlier runs' results.json (or their folders) into one table in OUT",
     )
     args = ap.parse_args(argv)
-    if args.accelerator == "auto":
-        args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if args.precision is None:
-        args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
+    args.accelerator, args.precision = resolve_device(args.accelerator, args.precision)
     if args.num_workers is None:
         args.num_workers = 3 if args.accelerator == "gpu" else 0
     return args
@@ -546,12 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    deadline = None if args.time_budget is None else T_START + args.time_budget
+    bounded = args.time_budget is not None
+    left = Budget(args.time_budget, T_START).left
 
-    def left() -> float:
-        return float("inf") if deadline is None else deadline - time.monotonic()
-
-    if deadline is not None and hasattr(signal, "SIGALRM"):
+    if bounded and hasattr(signal, "SIGALRM"):
         # last resort: whatever hangs, stop with the results so far a few seconds before the budget ends
         def _alarm(signum: int, frame: Any) -> None:
             raise OutOfTime()
@@ -560,16 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.setitimer(signal.ITIMER_REAL, max(1.0, left() - REPORT_RESERVE_S / 2))
 
     data = Path(args.data) if args.data else out / "data"
-    if not (data / "tasks.yaml").is_file():
-        from idrecog.synth.generate import generate_dataset
-
-        h, w = args.img
-        print(
-            f"[query_designs] generating {args.train}/{args.val} samples at {h}x{w} into {data}", flush=True
-        )
-        generate_dataset(
-            data, train=args.train, val=args.val, test=0, height=h, width=w, workers=2, progress=False
-        )
+    ensure_dataset(
+        data,
+        args.train,
+        args.val,
+        tuple(args.img),
+        progress=False,
+        say=lambda m: print(f"[query_designs] {m}", flush=True),
+    )
     from idrecog.tasks.catalogue import load_catalogue
 
     catalogue = load_catalogue(data / "tasks.yaml")
@@ -590,10 +549,14 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.budget or 300,
     }
     results: list[dict[str, Any]] = []
+
+    def skipped(design: str, seed: int, why: str) -> dict[str, Any]:
+        return skipped_run(design, seed, why, args)
+
     try:
         steps = args.budget or 300
         overhead_s = 5.0  # per run, besides training (measured by the probe under --time-budget)
-        if deadline is not None:
+        if bounded:
             # probe the slowest design: start-up and step time decide how many steps every run can have
             probe_design = "multimodal" if "multimodal" in args.designs else args.designs[-1]
             n = args.probe_steps
@@ -648,18 +611,18 @@ def main(argv: list[str] | None = None) -> int:
         meta["steps"] = steps
         for i, (design, seed) in enumerate(runs):
             share = (left() - REPORT_RESERVE_S) / (len(runs) - i)
-            if deadline is not None and share < 10:
-                results.append({"design": design, "seed": seed, "skipped": "no time left"})
+            if bounded and share < 10:
+                results.append(skipped(design, seed, "no time left"))
                 continue
             try:
                 # the Timer counts training only: start-up and validation come out of the share first
-                train_s = None if deadline is None else share - overhead_s
+                train_s = share - overhead_s if bounded else None
                 r = run_one(design, seed, steps, args, data, out, train_s)
             except OutOfTime:
                 raise
             except Exception as e:  # one design failing must not lose the others' results
                 traceback.print_exc()
-                results.append({"design": design, "seed": seed, "skipped": f"error: {e!r:.200}"})
+                results.append(skipped(design, seed, f"error: {e!r:.200}"))
                 continue
             results.append(r)
             m = r["metrics"]
@@ -675,17 +638,17 @@ def main(argv: list[str] | None = None) -> int:
     except OutOfTime:
         print(f"[query_designs] time budget reached after {len(results)} runs", flush=True)
     finally:
-        if deadline is not None and hasattr(signal, "SIGALRM"):
+        if bounded and hasattr(signal, "SIGALRM"):
             signal.setitimer(signal.ITIMER_REAL, 0)
     for d, s in runs[len(results) :]:
-        results.append({"design": d, "seed": s, "skipped": "time budget"})
+        results.append(skipped(d, s, "time budget"))
     for s in meta.get("seeds_dropped", []):
-        results += [{"design": d, "seed": s, "skipped": "--min-steps"} for d in args.designs]
+        results += [skipped(d, s, "--min-steps") for d in args.designs]
     meta["wall_s"] = time.monotonic() - T_START
     md = write_outputs(out, results, baselines, meta)
     print("\n" + md + "\n", flush=True)
     done = [r for r in results if r.get("metrics")]
-    if done and (deadline is None or left() > 6):
+    if done and (not bounded or left() > 6):
         try:
             from idrecog.cli.compare import find_runs, write_report
 

@@ -5,24 +5,20 @@ target (what the segmentation and detection heads need: one token per class / ob
 Prints, every ``--every`` steps, the mean pairwise cosine similarity of card_mask's tokens, the loss and the
 norm of the text's part. docs/task-queries.md ("Combining") quotes a run of this script:
 
-    .venv/bin/python benchmarks/query_token_collapse.py --steps 200 --every 25
+    .venv/bin/python -m benchmarks.query_token_collapse --steps 200 --every 25
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from idrecog.models.queries import module_key  # noqa: E402
-from idrecog.models.queries_text import TextQueries  # noqa: E402
-from idrecog.tasks.catalogue import default_catalogue  # noqa: E402
+from idrecog.models.queries import module_key
+from idrecog.models.queries_text import TextQueries
+from idrecog.tasks.catalogue import default_catalogue
 
 
 def mean_cos(q: torch.Tensor) -> float:

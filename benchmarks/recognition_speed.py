@@ -1,7 +1,7 @@
 """Recognition throughput: the unified model (every task of a document in one forward pass) against one
 single-task model per task (same encoder size), on the same images, in one run.
 
-    .venv/bin/python benchmarks/recognition_speed.py [--images 32] [--batch 8] [--doc_type ald_id_card]
+    .venv/bin/python -m benchmarks.recognition_speed [--images 32] [--batch 8] [--doc_type ald_id_card]
 
 Both sides run ``predict_step`` (forward + postprocess) on the same normalised batches; models are randomly
 initialised (speed does not depend on the weights). The two sides alternate batch by batch for ``--repeats``

@@ -2,10 +2,10 @@
 number of tasks grows (1, 2, 4, all, in catalogue order) and as the detection queries grow (8, 16, 32, 64), and
 the encoder alone (its forward, backward and AdamW step) for the decoder's share of the step, in one run.
 
-    .venv/bin/python benchmarks/scaling.py [--quick | --smoke] [--threads 2]
+    .venv/bin/python -m benchmarks.scaling [--quick | --smoke] [--threads 2]
 
 Step = forward of every task + the same losses as ``UnifiedModule`` + backward + AdamW (a plain loop, so the
-framework's overhead, measured by overhead.py, is left out). Variants alternate in order every repeat; medians
+framework's overhead, measured by benchmarks.overhead, is left out). Variants alternate in order every repeat; medians
 over the kept steps. Peak memory on CPU: each variant runs once more in a fresh subprocess, which reports its
 peak ``ru_maxrss`` over two steps minus its resident set before them (Linux ``/proc/self/statm``; model built
 and imports done): the step's extra resident memory, activations, gradients and AdamW state included.
@@ -27,11 +27,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import make_random_batch
+from benchmarks.common import REPO, cpu_parser, make_random_batch, parse_cpu_args, plain_loss, small_unified
 from idrecog.lit.optim import make_adamw
-from idrecog.lit.unified import UnifiedModule
-from idrecog.models.decoder import TaskDecoder
-from idrecog.models.encoder import ViTEncoder
 from idrecog.tasks.catalogue import TaskCatalogue, default_catalogue
 
 
@@ -41,22 +38,13 @@ def subset(n: int | None) -> TaskCatalogue:
     return TaskCatalogue(tasks=list(tasks), source=f"first {len(tasks)} tasks")
 
 
-def build(cat: TaskCatalogue, args: argparse.Namespace, queries: int) -> UnifiedModule:
-    torch.manual_seed(0)
-    return UnifiedModule(
-        catalogue=cat.to_dict(),
-        encoder=ViTEncoder(
-            "vit_tiny_patch16_224", img_size=tuple(args.img_size), depth=args.depth, drop_path_rate=0.0
-        ),
-        decoder=TaskDecoder(dim=args.dec_dim, depth=2, num_heads=4),
-        task_options={"detection": {"num_queries": queries}} if "detection" in cat.types() else None,
-    )
-
-
 def make_step(variant: dict[str, Any], args: argparse.Namespace):
     """A zero-argument training step for the variant ({"tasks": n | None, "queries": q} or {"encoder": True})."""
     cat = subset(variant.get("tasks"))
-    module = build(cat, args, variant.get("queries", 16)).train()
+    module = small_unified(
+        cat, args.img_size, args.depth, args.dec_dim, det_queries=variant.get("queries", 16)
+    )
+    module.train()
     g = torch.Generator().manual_seed(0)
     batch = make_random_batch(cat, args.batch, tuple(args.img_size), present_prob=0.8, generator=g)
     if variant.get("encoder"):
@@ -69,8 +57,7 @@ def make_step(variant: dict[str, Any], args: argparse.Namespace):
         opt = make_adamw([{"params": list(module.parameters())}], 1e-4, False)
 
         def loss_fn() -> torch.Tensor:
-            out = module.model(batch["image"], batch=batch, route="known")
-            return module.compute_losses(out, batch)[0]
+            return plain_loss(module, batch)
 
     def step() -> None:
         loss = loss_fn()
@@ -99,32 +86,25 @@ def memory_child(variant: dict[str, Any], args: argparse.Namespace) -> float:
 
 
 def peak_mib(variant: dict[str, Any], argv: list[str]) -> float:
-    cmd = [sys.executable, __file__, *argv, "--memory_child", json.dumps(variant)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cmd = [sys.executable, "-m", "benchmarks.scaling", *argv, "--memory_child", json.dumps(variant)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16)
+    p = cpu_parser(__doc__, batch=16, quick="batch 8, 5 steps, 2 repeats (~2 min on 2 cores)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--img_size", type=int, nargs=2, default=[160, 256])
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--dec_dim", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no_memory", action="store_true")
-    p.add_argument("--quick", action="store_true", help="batch 8, 5 steps, 2 repeats (~2 min on 2 cores)")
-    p.add_argument("--smoke", action="store_true", help="a tiny setting that only checks the script works")
     p.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(raw)
-    if args.quick:
-        args.batch, args.steps, args.repeats = 8, 5, 2
-    if args.smoke:
-        args.batch, args.steps, args.warmup, args.repeats = 2, 1, 1, 1
-        args.img_size, args.depth, args.dec_dim, args.threads = [64, 96], 1, 64, 1
+    args = parse_cpu_args(
+        p,
+        raw,
+        quick={"batch": 8, "steps": 5, "repeats": 2},
+        smoke={"batch": 2, "steps": 1, "warmup": 1, "repeats": 1},
+    )
     torch.set_num_threads(args.threads)
     if args.memory_child is not None:
         print(f"{memory_child(json.loads(args.memory_child), args):.1f}")

@@ -1,6 +1,6 @@
 """Serving under load on loopback: a bounded number of requests from this process to ``idrecog serve`` in another.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 64] [--concurrency 8] [--ckpt_path X]
+    .venv/bin/python -m benchmarks.serve_load [--requests 64] [--concurrency 8] [--ckpt_path X]
 
 Without ``--ckpt_path`` a randomly initialised default-size model (vit_tiny, 160x256) is saved to a temporary
 checkpoint. Prints requests/s, p50/p99 latency, errors, the server's mean batch size and the share of request time
@@ -76,6 +76,7 @@ def main() -> None:
         str(port),
         "--limits",
         limits,
+        "--insecure",  # loopback only; benchmarks/serve_production.py measures the server with API keys
     ]
     server = subprocess.Popen(cmd)
     try:

@@ -1,6 +1,6 @@
 """Synthetic-benchmark generation speed: samples/s/core for workers=1 and workers=2.
 
-.venv/bin/python benchmarks/synth_speed.py [--samples 200] [--height 160 --width 256]
+.venv/bin/python -m benchmarks.synth_speed [--samples 200] [--height 160 --width 256]
 """
 
 from __future__ import annotations

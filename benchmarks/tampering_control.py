@@ -11,8 +11,8 @@ classifiers on the same training split, for the same wall-clock budget each, wit
 * ``hybrid``: the same ViT behind a convolutional stem (timm ``vit_tiny_r_s16_p8_224`` with 4-pixel patches on
   its ResNet stem: the same 10 x 16 token grid at stride 16).
 
-    python benchmarks/tampering_control.py --models cnn vit hybrid --seconds 480 --threads 2
-    python benchmarks/tampering_control.py --root BIGGER_SET --models cnn --seconds 960 --min-quality 0.6
+    python -m benchmarks.tampering_control --models cnn vit hybrid --seconds 480 --threads 2
+    python -m benchmarks.tampering_control --root BIGGER_SET --models cnn --seconds 960 --min-quality 0.6
 
 Prints one line per validation and a table at the end; ``--out FILE`` writes the results as JSON.
 """

@@ -1,7 +1,7 @@
 """Task resolution when training samples lack a doc type: the task classifier against oracle doc types and
 against dropping those samples (issue 6), optionally inside a fixed wall-clock budget.
 
-    python3 benchmarks/task_resolution.py --source data/synthetic --time-budget 280 \\
+    python3 -m benchmarks.task_resolution --source data/synthetic --time-budget 280 \\
         --accelerator gpu --precision bf16-mixed --num-workers 4 --out OUT
 
 1. **Data.** With ``--source DIR`` (an existing dataset whose train and val lines all have ``doc_type``, e.g. the
@@ -58,14 +58,22 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(REPO) not in sys.path:  # runnable as `python3 benchmarks/task_resolution.py` without installing
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from deadline import exit_at  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    REPO,
+    Budget,
+    StepTimer,
+    derive_config,
+    exit_at,
+    loader_settings,
+    quiet_trainer,
+    resolve_device,
+    unified_cli,
+    validate_once,
+    write_results,
+)
 
 RUNS = {
     "a": "classifier resolver",
@@ -190,10 +198,8 @@ class Report:
             print("\n" + md, flush=True)
             out = self.args.out
             try:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "results.json").write_text(json.dumps(self.data, indent=2, default=str))
-                (out / "results.md").write_text(md + "\n")
-                print(f"results: {out / 'results.json'}, {out / 'results.md'}", flush=True)
+                js, md_path = write_results(out, self.data, md)
+                print(f"results: {js}, {md_path}", flush=True)
             except OSError as e:
                 print(f"could not write the results to {out}: {e}", flush=True)
 
@@ -278,68 +284,6 @@ def generate_source(work: Path, train: int, val: int, seed: int, workers: int) -
     return out
 
 
-# ------------------------------------------------------------------------------------------------ training helpers
-def trainer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"accelerator": args.accelerator, "devices": 1, "precision": args.precision}
-
-
-class Probe:
-    """A Lightning callback: batch-end times; stops the fit about ``seconds`` after its first batch."""
-
-    def __init__(self, seconds: float) -> None:
-        import lightning as L
-
-        outer = self
-
-        class _CB(L.Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-                if torch.cuda.is_available() and pl_module.device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = outer.times
-                t.append(time.monotonic())
-                # enough: `seconds` after the first step with 3 steps, or twice that with 2 (slow steps)
-                if (len(t) >= 3 and t[-1] - t[0] >= outer.seconds) or (
-                    len(t) >= 2 and t[-1] - t[0] >= 2 * outer.seconds
-                ):
-                    trainer.should_stop = True
-
-        self.seconds = seconds
-        self.times: list[float] = []
-        self.callback = _CB()
-
-    def rate(self) -> float:
-        """steps/s after the first steps (up to 2: warm-up of the workers and kernels)."""
-        t = self.times
-        if len(t) < 2:
-            return float("nan")
-        k = min(2, len(t) - 2)
-        return (len(t) - 1 - k) / max(1e-6, t[-1] - t[k])
-
-
-class StepClock:
-    """A Lightning callback: time of the first batch end and of the last, and the step count."""
-
-    def __init__(self) -> None:
-        import lightning as L
-
-        outer = self
-
-        class _CB(L.Callback):
-            def on_train_start(self, trainer, pl_module) -> None:  # type: ignore[override]
-                outer.start = time.monotonic()
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-                t = time.monotonic()
-                if outer.first is None:
-                    outer.first = t
-                outer.last = t
-
-        self.start: float | None = None
-        self.first: float | None = None
-        self.last: float | None = None
-        self.callback = _CB()
-
-
 # ------------------------------------------------------------------------------------------------ classifier
 class ClassifierImages(torch.utils.data.Dataset):
     """The samples' main images at the classifier's input size (decoded once per worker), the DataModule's
@@ -388,18 +332,14 @@ def _fit_classifier(
         warmup_steps=min(20, max(1, max_steps // 10)),
     )
     trainer = L.Trainer(
-        **trainer_kwargs(args),
-        max_steps=max_steps,
-        max_epochs=-1,
-        max_time={"seconds": max(1, int(max_time))} if max_time is not None else None,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        default_root_dir=str(args.work / "runs" / "classifier"),
+        **quiet_trainer(
+            args.accelerator,
+            args.precision,
+            args.work / "runs" / "classifier",
+            max_time_s=max_time,
+            max_steps=max_steps,
+            callbacks=callbacks,
+        )
     )
     trainer.fit(module, train_dataloaders=loader)
     return module, trainer
@@ -416,15 +356,12 @@ def train_classifier(args: argparse.Namespace, dropped: Path, slot: float | None
     cat = load_catalogue(dropped / "tasks.yaml")
     samples = [s for s in read_manifest(dropped / "train.jsonl", cat) if s.doc_type is not None]
     ds = ClassifierImages(samples, tuple(args.classifier_input_size), train=True)
-    nw = args.num_workers
     loader = DataLoader(
         ds,
         batch_size=args.classifier_batch_size,
         shuffle=True,
         drop_last=len(ds) > args.classifier_batch_size,
-        num_workers=nw,
-        persistent_workers=nw > 0,
-        pin_memory=args.accelerator == "gpu",
+        **loader_settings(args.num_workers, args.accelerator),
         collate_fn=_collate_images,
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -434,26 +371,26 @@ def train_classifier(args: argparse.Namespace, dropped: Path, slot: float | None
     if slot is None:
         steps, max_time = args.classifier_epochs * per_epoch, None
     else:
-        probe = Probe(seconds=min(10.0, max(3.0, 0.12 * slot)))
-        _fit_classifier(args, cat, loader, 10**6, None, [probe.callback])
-        rate = probe.rate()
+        probe = StepTimer(sync=True, stop_after=min(10.0, max(3.0, 0.12 * slot)))
+        _fit_classifier(args, cat, loader, 10**6, None, [probe])
+        rate = probe.steps_per_s(skip=2)
         eval_reserve = max(5.0, 0.15 * slot)
         train_s = slot - (time.monotonic() - t_stage) - eval_reserve - 3.0
         # the loader's workers start again (a new fit): ~1 s; 0.9: the rate's uncertainty
         steps = int(rate * max(1.0, train_s - 1.0) * 0.9) if math.isfinite(rate) else per_epoch
         steps = max(1, min(steps, args.classifier_max_epochs * per_epoch))
         max_time = max(2.0, train_s)
-        c["probe"] = {"steps": len(probe.times), "steps_per_s": rate, "seconds": probe.seconds}
+        c["probe"] = {"steps": len(probe.ends), "steps_per_s": rate, "seconds": probe.stop_after}
         say(
             f"classifier probe: {rate:.2f} steps/s (batch {args.classifier_batch_size}); "
             f"training {steps} steps (~{steps / per_epoch:.1f} epochs) in <= {max_time:.0f} s"
         )
-    clock = StepClock()
-    module, trainer = _fit_classifier(args, cat, loader, steps, max_time, [clock.callback])
+    clock = StepTimer()
+    module, trainer = _fit_classifier(args, cat, loader, steps, max_time, [clock])
     c["steps"] = int(trainer.global_step)
     c["planned_steps"] = steps
     c["epochs"] = trainer.global_step / per_epoch
-    c["train_seconds"] = (clock.last or 0) - (clock.start or 0)
+    c["train_seconds"] = clock.train_seconds
     if trainer.global_step < steps:
         c["stopped_by"] = "max_time"
     ckpt = args.work / "runs" / "classifier" / "task_classifier.ckpt"
@@ -567,52 +504,24 @@ def evaluate_classifier(
 def build_unified(
     args: argparse.Namespace, name: str, root: Path, extra: list[str], trainer_over: dict[str, Any]
 ) -> Any:
-    from idrecog.cli.train import build_cli
-
+    """One unified run: ``lightning_configs/unified.yaml`` with this benchmark's settings (``WORK/runs/NAME/
+    derived.yaml``), then ``extra`` command-line arguments, built by ``idrecog fit``'s LightningCLI (not run)."""
     run_dir = args.work / "runs" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    override = run_dir / "override.yaml"
-    nw = args.num_workers
-    override.write_text(
-        json.dumps(
-            {
-                "seed_everything": args.train_seed,
-                "trainer": {
-                    **trainer_kwargs(args),
-                    "max_epochs": -1,
-                    "max_time": None,
-                    "check_val_every_n_epoch": 10**6,
-                    "num_sanity_val_steps": 0,
-                    "callbacks": [],
-                    "logger": False,
-                    "enable_checkpointing": False,
-                    "enable_model_summary": False,
-                    "enable_progress_bar": False,
-                    "default_root_dir": str(run_dir),
-                    **trainer_over,
-                },
-                "data": {
-                    "root": str(root),
-                    "synthesize_if_missing": False,
-                    "num_workers": nw,
-                    "persistent_workers": nw > 0,  # keeps each worker's image cache across epochs
-                    "pin_memory": args.accelerator == "gpu",
-                    "augment": True,  # as in the recorded runs (unified.yaml's short CPU job trains without)
-                    "batch_size": args.batch_size,
-                    "preflight": args.preflight,
-                    "preflight_cache_dir": str(args.work / "cache" / "preflight"),
-                    "seed": args.train_seed,
-                },
-            }
-        )
-    )
-    argv = ["--config", str(REPO / "lightning_configs" / "unified.yaml"), "--config", str(override), *extra]
-    saved = sys.argv
-    sys.argv = saved[:1]  # the arguments come in argv (LightningCLI warns when sys.argv has others)
-    try:
-        return build_cli(argv, run=False)
-    finally:
-        sys.argv = saved
+    over = {
+        "seed_everything": args.train_seed,
+        "trainer": quiet_trainer(args.accelerator, args.precision, run_dir, **trainer_over),
+        "data": {
+            "root": str(root),
+            "synthesize_if_missing": False,
+            **loader_settings(args.num_workers, args.accelerator),  # persistent: each worker keeps its cache
+            "augment": True,  # as in the recorded runs (unified.yaml's short CPU job trains without)
+            "batch_size": args.batch_size,
+            "preflight": args.preflight,
+            "preflight_cache_dir": str(args.work / "cache" / "preflight"),
+            "seed": args.train_seed,
+        },
+    }
+    return unified_cli(["--config", str(derive_config(run_dir / "derived.yaml", over)), *extra])
 
 
 def run_extra(args: argparse.Namespace, key: str, ckpt: Path | None) -> tuple[Path, list[str]]:
@@ -641,16 +550,21 @@ def per_task_primary(metrics: dict[str, float], catalogue: Any) -> dict[str, tup
 
 def probe_unified(args: argparse.Namespace, seconds: float, report: Report) -> dict[str, float]:
     """Steps/s of the unified training (oracle data), set-up time and one validation pass's time."""
-    probe = Probe(seconds)
-    t0 = time.monotonic()
+    probe = StepTimer(sync=True, stop_after=seconds)
+    t0 = time.perf_counter()  # the step timer's clock
     cli = build_unified(args, "probe", args._oracle, [], {"max_steps": 10**6})
-    cli.trainer.callbacks.append(probe.callback)
+    cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    setup = (probe.times[0] - t0) if probe.times else float("nan")
-    t1 = time.monotonic()
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
-    val_s = time.monotonic() - t1
-    res = {"steps": len(probe.times), "steps_per_s": probe.rate(), "setup_s": setup, "val_s": val_s}
+    setup = (probe.ends[0] - t0) if probe.ends else float("nan")
+    t1 = time.perf_counter()
+    validate_once(cli.trainer, cli.model, cli.datamodule)
+    val_s = time.perf_counter() - t1
+    res = {
+        "steps": len(probe.ends),
+        "steps_per_s": probe.steps_per_s(skip=2),
+        "setup_s": setup,
+        "val_s": val_s,
+    }
     report.data["unified_probe"] = res
     say(
         f"unified probe: {res['steps_per_s']:.2f} steps/s (batch {args.batch_size}), set-up to first step "
@@ -668,25 +582,22 @@ def train_unified(
     r: dict[str, Any] = {"label": RUNS[key], "planned_steps": steps}
     report.data["unified"][key] = r
     warmup = min(50, max(1, round(0.1 * steps)))
-    over: dict[str, Any] = {"max_steps": steps}
-    if max_time is not None:
-        over["max_time"] = {"seconds": max(1, int(max_time))}
-    t0 = time.monotonic()
+    over: dict[str, Any] = {"max_steps": steps, "max_time_s": max_time}
+    t0 = time.perf_counter()  # the step timer's clock
     cli = build_unified(args, key, root, [*extra, f"--model.init_args.warmup_steps={warmup}"], over)
-    clock = StepClock()
-    cli.trainer.callbacks.append(clock.callback)
+    clock = StepTimer()
+    cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     r["steps"] = int(cli.trainer.global_step)
     r["warmup_steps"] = warmup
-    r["train_seconds"] = (clock.last or 0) - (clock.start or 0)
+    r["train_seconds"] = clock.train_seconds
     r["setup_seconds"] = (clock.start or t0) - t0
     r["stopped_by"] = "max_steps" if r["steps"] >= steps else "max_time (guard)"
     ds = cli.datamodule.datasets.get("train")
     r["train_samples"] = len(ds) if ds is not None else None
-    t1 = time.monotonic()
-    m = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    r["val_seconds"] = time.monotonic() - t1
-    metrics = {k: float(v) for k, v in m.items()}
+    t1 = time.perf_counter()
+    metrics = validate_once(cli.trainer, cli.model, cli.datamodule)
+    r["val_seconds"] = time.perf_counter() - t1
     r["metrics"] = metrics
     r["per_task"] = per_task_primary(metrics, cli.datamodule.catalogue)
     r["val/score"] = metrics.get("val/score")
@@ -791,12 +702,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.val = args.val or 0
     if args.train_seed is None:
         args.train_seed = args.seed
-    if args.accelerator == "auto":
-        args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if args.accelerator == "cuda":
-        args.accelerator = "gpu"
-    if args.precision is None:
-        args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
+    args.accelerator, args.precision = resolve_device(args.accelerator, args.precision)
     if args.out is None:
         args.out = args.work
     runs = [k.strip() for k in args.runs.split(",") if k.strip()]
@@ -816,11 +722,11 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     budget = args.time_budget
-    deadline = budget if budget else float("inf")  # seconds since T_START
+    clock = Budget(budget or None, T_START)
     report = Report(args)
     # at the deadline: print what finished, write the JSON, end the process (code 3)
     watchdog = exit_at(
-        deadline - 1.0 - now(),
+        clock.left() - 1.0,
         lambda: report.finish(f"the time budget ran out at {now():.0f} s (watchdog)"),
         3,
     )
@@ -847,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = None
     if "a" in runs or args.classifier_only:
         t0 = now()
-        slot = args.classifier_share * (deadline - end_reserve - now()) if budget else None
+        slot = args.classifier_share * (clock.left() - end_reserve) if budget else None
         ckpt = train_classifier(args, dropped, slot, report)
         secs["classifier_train"] = now() - t0
         t0 = now()
@@ -857,11 +763,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         pass
     elif budget:
-        left = deadline - end_reserve - now()
+        left = clock.left() - end_reserve
         t0 = now()
         pr = probe_unified(args, seconds=min(20.0, max(4.0, 0.06 * left)), report=report)
         secs["unified_probe"] = now() - t0
-        left = deadline - end_reserve - now()
+        left = clock.left() - end_reserve
         rate = pr["steps_per_s"]
         step_s = 1.0 / rate if math.isfinite(rate) and rate > 0 else 1.0
         # per run besides its steps: set-up to the first step (the probe's, less its first step; it also paid
@@ -886,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         max_time = None
         if budget:
             after = len(runs) - i - 1  # what the runs after this one need
-            max_time = (deadline - end_reserve - now()) - overhead - after * (overhead + steps * step_s)
+            max_time = (clock.left() - end_reserve) - overhead - after * (overhead + steps * step_s)
             max_time = max(2.0, max_time)
         t0 = now()
         train_unified(args, key, ckpt, steps, max_time, report)

@@ -2,7 +2,7 @@
 ``UnifiedModule`` whose catalogue holds only its task), same encoder size, same total training budget in steps
 (split evenly across the single-task models), same data and seeds, in one run.
 
-    .venv/bin/python benchmarks/unified_vs_separate.py [--quick | --smoke] [--seeds 0 1] [--threads 2]
+    .venv/bin/python -m benchmarks.unified_vs_separate [--quick | --smoke] [--seeds 0 1] [--threads 2]
 
 Data: the synthetic benchmark at 160 x 256 in ``--root`` (generated on first use). Every model is trained by the
 Lightning Trainer for its step budget on the same train loader (single-task models see the same collated
@@ -27,23 +27,11 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import cpu_parser, ensure_dataset, parse_cpu_args, quiet_trainer, small_unified
 from idrecog.data.collate import Collator
 from idrecog.data.datamodule import IdDataModule
 from idrecog.lit.unified import UnifiedModule, score_of
-from idrecog.models.decoder import TaskDecoder
-from idrecog.models.encoder import ViTEncoder
 from idrecog.tasks.catalogue import TaskCatalogue
-
-
-def ensure_dataset(root: Path, train: int, val: int, size: tuple[int, int]) -> Path:
-    if not (root / "tasks.yaml").is_file():
-        from idrecog.synth.generate import generate_dataset
-
-        print(
-            f"[bench] generating the synthetic benchmark into {root} ({train} train, {val} val)", flush=True
-        )
-        generate_dataset(root, train=train, val=val, test=0, height=size[0], width=size[1], workers=2)
-    return root
 
 
 class TaskSlice:
@@ -65,41 +53,20 @@ class TaskSlice:
         return batch
 
 
-def build(cat: TaskCatalogue, args: argparse.Namespace, seed: int) -> UnifiedModule:
-    torch.manual_seed(seed)
-    return UnifiedModule(
-        catalogue=cat.to_dict(),
-        encoder=ViTEncoder(
-            "vit_tiny_patch16_224", img_size=tuple(args.img_size), depth=args.depth, drop_path_rate=0.0
-        ),
-        decoder=TaskDecoder(dim=args.dec_dim, depth=2, num_heads=4),
-        task_options={"detection": {"num_queries": 16}} if "detection" in cat.types() else None,
-        encoder_lr_scale=1.0,
-        layer_decay=0.9,
-        warmup_steps=0.1,
-    )
-
-
 def train_eval(
     dm: IdDataModule, cat: TaskCatalogue, task: str | None, steps: int, args: argparse.Namespace, seed: int
 ) -> tuple[UnifiedModule, dict[str, float]]:
     sub = cat if task is None else TaskCatalogue(tasks=[cat[task]], source=task)
     L.seed_everything(seed, verbose=False)
-    module = build(sub, args, seed)
+    module = small_unified(sub, args.img_size, args.depth, args.dec_dim, seed=seed, warmup_steps=0.1)
     collate = TaskSlice(cat, task)
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(dm.datasets["train"], args.batch, shuffle=True, collate_fn=collate, generator=g)
     val = DataLoader(dm.datasets["val"], args.batch, shuffle=False, collate_fn=collate)
-    common: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    L.Trainer(max_steps=steps, num_sanity_val_steps=0, limit_val_batches=0, **common).fit(module, train)
-    res = L.Trainer(**common).validate(module, val, verbose=False)[0]
+    L.Trainer(**quiet_trainer("cpu", "32-true", max_steps=steps)).fit(module, train)
+    res = L.Trainer(**quiet_trainer("cpu", "32-true", limit_val_batches=1.0)).validate(
+        module, val, verbose=False
+    )[0]
     return module, {k: float(v) for k, v in res.items()}
 
 
@@ -110,26 +77,19 @@ def inference_flops(module: UnifiedModule, images: torch.Tensor) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cpu_parser(__doc__, batch=16, quick="48 steps per side, batch 8, encoder depth 2")
     p.add_argument("--root", default="data/bench_synth")
     p.add_argument("--train_samples", type=int, default=256)
     p.add_argument("--val_samples", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=160, help="total training budget (steps) per side")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--img_size", type=int, nargs=2, default=[160, 256])
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--dec_dim", type=int, default=128)
     p.add_argument("--infer_batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="48 steps per side, batch 8, encoder depth 2")
-    p.add_argument("--smoke", action="store_true", help="a tiny setting that only checks the script works")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.batch, args.depth = 48, 8, 2
-    if args.smoke:
-        args.steps, args.batch, args.depth, args.dec_dim, args.infer_batch = 8, 2, 1, 64, 2
-        args.img_size, args.seeds, args.threads, args.train_samples, args.val_samples = [64, 96], [0], 1, 8, 4
+    args = parse_cpu_args(
+        p,
+        argv,
+        quick={"steps": 48, "batch": 8, "depth": 2},
+        smoke={"steps": 8, "batch": 2, "infer_batch": 2, "seeds": [0], "train_samples": 8, "val_samples": 4},
+    )
     torch.set_num_threads(args.threads)
     root = ensure_dataset(Path(args.root), args.train_samples, args.val_samples, tuple(args.img_size))
     dm = IdDataModule(root=str(root), img_size=tuple(args.img_size), batch_size=args.batch, augment=True)

@@ -3,24 +3,25 @@ dataset) runs in-process and prints its table and ratio lines; ``make bench`` li
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from benchmarks import (
+    config_seeds_table,
+    data_pipeline,
+    gpu_check,
+    image_quality_probe,
+    overhead,
+    run_all,
+    scaling,
+    tampering_control,
+    task_resolution,
+    unified_vs_separate,
+)
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # data_pipeline imports overhead as a sibling script
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_overhead_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("overhead").main(["--smoke"]) == 0
+    assert overhead.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     for row in ("| plain |", "| lightning (default config) |", "| lightning (bare) |"):
         assert row in out
@@ -40,19 +41,19 @@ def test_overhead_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_scaling_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _load("scaling").main(["--smoke", "--no_memory"]) == 0
+    assert scaling.main(["--smoke", "--no_memory"]) == 0
     out = capsys.readouterr().out
     assert "| encoder alone |" in out and "cost per added task" in out and "of the encoder's step" in out
 
 
 def test_data_pipeline_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
-    assert _load("data_pipeline").main(["--smoke", "--root", str(synth_root)]) == 0
+    assert data_pipeline.main(["--smoke", "--root", str(synth_root)]) == 0
     out = capsys.readouterr().out
     assert "| loader, 1 workers, cache_images=False |" in out and "verdict: the data pipeline is" in out
 
 
 def test_unified_vs_separate_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
-    assert _load("unified_vs_separate").main(["--smoke", "--root", str(synth_root)]) == 0
+    assert unified_vs_separate.main(["--smoke", "--root", str(synth_root)]) == 0
     out = capsys.readouterr().out
     assert "**mean score**" in out and "fewer FLOPs" in out
     # the unified model answers every task in one pass: fewer FLOPs than the eight single-task models
@@ -61,15 +62,14 @@ def test_unified_vs_separate_smoke(capsys: pytest.CaptureFixture[str], synth_roo
 
 
 def test_make_bench_lists_every_cpu_script() -> None:
-    run_all = _load("run_all")
-    listed = {script: args for script, args in run_all.BENCHMARKS}
-    for name in ("overhead.py", "scaling.py", "data_pipeline.py", "unified_vs_separate.py"):
-        assert name in listed and (BENCH / name).is_file()
+    listed = {name: args for name, args in run_all.BENCHMARKS}
+    for name in ("overhead", "scaling", "data_pipeline", "unified_vs_separate"):
+        assert name in listed and (BENCH / f"{name}.py").is_file()
         assert listed[name] == ["--quick"]
 
 
 def test_image_quality_probe_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
-    assert _load("image_quality_probe").main(["--smoke", "--data", str(synth_root)]) == 0
+    assert image_quality_probe.main(["--smoke", "--data", str(synth_root)]) == 0
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
     assert any(k.startswith("1. ridge") for k in rows) and any(k.startswith("3. frozen") for k in rows)
@@ -85,7 +85,7 @@ def test_image_quality_probe_smoke(capsys: pytest.CaptureFixture[str], synth_roo
 def test_gpu_check_runs_on_cpu_with_a_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
     # the GPU script stays ready between GPU sessions: the same code path on the CPU with tiny ViTs
     argv = ["--tiny", "--mae-batch", "2", "--unified-batch", "2", "--warmup", "1", "--steps", "1"]
-    assert _load("gpu_check").main([*argv, "--repeats", "1", "--modes", "eager", "--profile", "3"]) == 0
+    assert gpu_check.main([*argv, "--repeats", "1", "--modes", "eager", "--profile", "3"]) == 0
     out = capsys.readouterr().out
     assert "| mae | no |" in out and "| unified | no |" in out
     assert "--- profile unified/eager (3 steps)" in out
@@ -102,9 +102,7 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model(capsys: pytest.CaptureFixture[s
 
 def test_tampering_control_smoke(capsys: pytest.CaptureFixture[str], synth_root: Path) -> None:
     args = ["--root", str(synth_root), "--models", "cnn", "hybrid", "--seconds", "1", "--evals", "1"]
-    results = _load("tampering_control").main(
-        [*args, "--num-workers", "0", "--batch-size", "4", "--min-quality", "0"]
-    )
+    results = tampering_control.main([*args, "--num-workers", "0", "--batch-size", "4", "--min-quality", "0"])
     out = capsys.readouterr().out
     assert "| cnn |" in out and "| hybrid |" in out
     for r in results:
@@ -113,18 +111,16 @@ def test_tampering_control_smoke(capsys: pytest.CaptureFixture[str], synth_root:
 
 
 def test_task_resolution_train_seed_seeds_only_the_unified_runs(tmp_path: Path, synth_root: Path) -> None:
-    tr = _load("task_resolution")
-    assert tr.parse_args(["--seed", "2", "--work", str(tmp_path)]).train_seed == 2
-    args = tr.parse_args(["--seed", "2", "--train-seed", "5", "--work", str(tmp_path)])
+    assert task_resolution.parse_args(["--seed", "2", "--work", str(tmp_path)]).train_seed == 2
+    args = task_resolution.parse_args(["--seed", "2", "--train-seed", "5", "--work", str(tmp_path)])
     assert (args.seed, args.train_seed) == (2, 5)  # data derivation and the classifier keep --seed
-    cli = tr.build_unified(args, "b", synth_root, [], {"max_steps": 1})
+    cli = task_resolution.build_unified(args, "b", synth_root, [], {"max_steps": 1})
     assert cli.datamodule.seed == 5 and cli.config["seed_everything"] == 5
 
 
 def test_tampering_control_keeps_labelled_and_clean_samples() -> None:
     import torch
 
-    tc = _load("tampering_control")
     batch = {
         "image": torch.arange(4).float().view(4, 1, 1, 1),
         "present": torch.tensor([[True], [True], [False], [True]]),
@@ -133,9 +129,9 @@ def test_tampering_control_keeps_labelled_and_clean_samples() -> None:
             "image_quality": torch.tensor([0.9, 0.3, 0.9, math.nan]),
         },
     }
-    x, y = tc._tampering_batch(batch, 0, None)
+    x, y = tampering_control._tampering_batch(batch, 0, None)
     assert y.tolist() == [0, 1, 2] and x.flatten().tolist() == [0.0, 1.0, 3.0]
-    x, y = tc._tampering_batch(batch, 0, 0.5)  # the unlabelled quality (NaN) is not clean
+    x, y = tampering_control._tampering_batch(batch, 0, 0.5)  # the unlabelled quality (NaN) is not clean
     assert y.tolist() == [0] and x.flatten().tolist() == [0.0]
 
 
@@ -155,7 +151,7 @@ def test_config_seeds_table_reads_the_test_table_and_the_step(tmp_path: Path, ca
     (logs / "default_s0.log").write_text("fit rc=124\n")  # killed: no test table, no checkpoint
     (tmp_path / "hybrid_s1" / "checkpoints").mkdir(parents=True)
     torch.save({"global_step": 188}, tmp_path / "hybrid_s1" / "checkpoints" / "last.ckpt")
-    _load("config_seeds_table").main(str(tmp_path))
+    config_seeds_table.main(str(tmp_path))
     rows = {r.split(" | ")[0].strip("| "): r for r in capsys.readouterr().out.splitlines()[2:]}
     hybrid = [c.strip() for c in rows["hybrid_s1"].strip("|").split("|")]
     assert hybrid[:5] == ["hybrid_s1", "188", "0.6469", "1.0000", "0.7720"]  # the test value, not the val one

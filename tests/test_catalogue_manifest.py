@@ -63,7 +63,7 @@ def test_default_catalogue_round_trips(tmp_path: Path) -> None:
         (lambda d: d["tasks"][6].update(uses=["smell"]), "tasks[6] (hologram).uses"),
         (lambda d: d["doc_types"]["ald_passport"].append("ghost_task"), "doc_types.ald_passport"),
         (lambda d: d.update(extra=1), "extra"),
-        (lambda d: d["tasks"].append(dict(d["tasks"][0])), "tasks[8].name"),
+        (lambda d: d["tasks"].append(dict(d["tasks"][0])), f"tasks[{len(default_catalogue())}].name"),
     ],
 )
 def test_catalogue_errors_name_the_field(tmp_path: Path, mutate, field: str) -> None:

@@ -25,6 +25,8 @@ FRAGMENTS = {
     "queries/multimodal.yaml": "unified.yaml",
     "encoders/hybrid.yaml": "unified.yaml",
     "training/ema.yaml": "unified.yaml",
+    "antifraud/detail.yaml": "unified.yaml",
+    "antifraud/hires.yaml": "unified.yaml",
 }
 
 # a tiny model for CPU tests, as command-line overrides of unified.yaml (the encoder's img_size follows data's)

@@ -3,26 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mae_transfer.py"
+import benchmarks.mae_transfer as mt
+from benchmarks.common import hms
 
 
-@pytest.fixture(scope="module")
-def mt() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_mae_transfer", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_device_augment_identity_and_ranges(mt: ModuleType) -> None:
+def test_device_augment_identity_and_ranges() -> None:
     from idrecog.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     g = torch.Generator().manual_seed(0)
@@ -48,7 +38,7 @@ def test_device_augment_identity_and_ranges(mt: ModuleType) -> None:
     assert dm.on_after_batch_transfer(batch, 0)["image"].shape == (4, 3, 32, 48)
 
 
-def test_report_pairs_seeds_and_respects_metric_direction(mt: ModuleType, tmp_path: Path) -> None:
+def test_report_pairs_seeds_and_respects_metric_direction(tmp_path: Path) -> None:
     mt.STATE.update({"notes": [], "runs": [], "pretrain": None, "calibration": None, "setup": {}})
     mt.STATE["setup"]["tasks"] = [
         {"name": "doc_type", "metric": "accuracy", "higher_is_better": True},
@@ -79,4 +69,4 @@ def test_report_pairs_seeds_and_respects_metric_direction(mt: ModuleType, tmp_pa
     mt._REPORTED = False
     mt.report(tmp_path)
     assert (tmp_path / "results.json").is_file() and "val/score" in (tmp_path / "results.md").read_text()
-    assert mt.hms(150) == "00:00:02:30"
+    assert hms(150) == "00:00:02:30"

@@ -90,7 +90,9 @@ class FakeLabel(TaskType):
 
     @classmethod
     def example_spec(cls) -> TaskSpec:
-        return TaskSpec("example_fake_label", cls.type_name, classes=("x", "y", "z"), query_text="which class")
+        return TaskSpec(
+            "example_fake_label", cls.type_name, classes=("x", "y", "z"), query_text="which class"
+        )
 
     @classmethod
     def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> str:

@@ -313,3 +313,20 @@ def test_static_queries_text_bypasses_the_converter_for_tasks_without_associated
     assert [n for n, x in p.named_parameters() if x.grad is None] == []
     with pytest.raises(ConfigError, match="static_queries"):
         MultimodalQueries(static_queries="pooled")
+
+
+def test_user_parts_mask_out_what_the_converter_does_not_read(tiny_bert: str) -> None:
+    """Without ``behaviour`` in ``user_parts`` the behaviour tokens are masked (not zeroed): the queries of a
+    user task then do not move when the behaviour does; the attributes still count."""
+    batch = mixed_batch()
+    changed = {**batch, "user": {**batch["user"], "behaviour": batch["user"]["behaviour"] + 5.0}}
+    for parts, moves in ((("attributes", "behaviour"), True), (("attributes",), False)):
+        torch.manual_seed(0)
+        p = build(tiny_multimodal(tiny_bert, user_parts=parts), encoder=tiny_encoder(), user_spec=USER_STATE)
+        _, valid = p.encode_user(batch["user"])
+        assert bool(valid[:, p.n_attr :].any()) == moves
+        with torch.no_grad():
+            a, b = p(["nationality_match"], 4, batch), p(["nationality_match"], 4, changed)
+        assert (not torch.allclose(a, b)) == moves
+    with pytest.raises(ConfigError, match=r"queries\.user_parts"):
+        MultimodalQueries(user_parts=("behavior",))

@@ -75,6 +75,8 @@ def _assert_same_output(a: dict, b: dict, where: str) -> None:
         if isinstance(a[k], dict):
             for c in a[k]:
                 assert a[k][c] == pytest.approx(b[k][c], abs=1e-5), f"{where}.{k}.{c}"
+        elif isinstance(a[k], list) and not all(isinstance(x, dict) for x in a[k] + b[k]):
+            assert a[k] == b[k], f"{where}.{k}"  # e.g. mask_size
         elif isinstance(a[k], list):  # boxes
             assert len(a[k]) == len(b[k]), where
             for x, y in zip(a[k], b[k], strict=True):

@@ -34,6 +34,7 @@ def _outputs(**over):
         "fields": {"boxes": [{"box": [1, 2, 30, 40], "label": "portrait", "score": 0.9}]},
         "hologram": {"class": "genuine", "probabilities": {"genuine": 0.8, "counterfeit": 0.2}},
         "nationality_match": {"class": "match", "probabilities": {"match": 0.9, "mismatch": 0.1}},
+        "presentation_attack": {"class": "bona_fide", "probabilities": {"bona_fide": 0.95, "attack": 0.05}},
     }
     for k, v in over.items():
         if v is None:

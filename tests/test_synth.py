@@ -123,7 +123,8 @@ def test_masks_and_boxes_agree_with_geometry() -> None:
             checked_full += 1
             for b in boxes.values():
                 x0, y0, x1, y1 = (round(v) for v in b)
-                assert (m[y0:y1, x0:x1] > 0).mean() > 0.8  # boxes lie on the document
+                # boxes lie on the document (a turned card's axis-aligned box takes in some of its surroundings)
+                assert (m[y0:y1, x0:x1] > 0).mean() > 0.7
             assert (m == 0).any() and (m > 0).any()
         if r["labels"]["visibility"] == "none":
             assert (m > 0).mean() < 0.3
@@ -131,18 +132,23 @@ def test_masks_and_boxes_agree_with_geometry() -> None:
 
 
 def _holo_features(r: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Colour statistics of the hologram in the main image (single), and how its hue turns between the two angle
+    frames, each frame read at the hologram's own place in it (multi: exposure changes do not move hue)."""
     box = next(f["box"] for f in r["labels"]["fields"] if f["label"] == "hologram")
-    x0, y0, x1, y1 = (round(v) for v in box)
 
-    def crop(im: Image.Image) -> np.ndarray:
-        return np.asarray(im, np.float32)[y0:y1, x0:x1].reshape(-1, 3)
+    def crop(im: Image.Image, b: list[float]) -> np.ndarray:
+        x0, y0, x1, y1 = (round(v) for v in b)
+        return np.asarray(im.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))), np.float32)
 
-    main = crop(r["image"])
-    angles = [crop(a) for a in r["frames"]["angles"]]
-    flash = crop(r["frames"]["flash"])
+    def hue(im: Image.Image, b: list[float]) -> float:
+        hsv = crop(im.convert("HSV"), b)
+        return float(np.angle((hsv[..., 1] * np.exp(2j * np.pi * hsv[..., 0] / 255)).sum()))
+
+    boxes = [b or box for b in r["frame_hologram_boxes"]]  # flash, angles...
+    main = crop(r["image"], box).reshape(-1, 3)
+    turns = [hue(a, b) for a, b in zip(r["frames"]["angles"], boxes[1:], strict=True)]
     single = np.r_[main.mean(0), main.std(0)]
-    diffs = [np.abs(a - main).mean() for a in angles] + [np.abs(angles[0] - angles[1]).mean()]
-    multi = np.r_[diffs, (flash.mean(1) - main.mean(1)).max(), (flash.max(1) - flash.min(1)).mean()]
+    multi = np.r_[abs(np.angle(np.exp(1j * (turns[0] - turns[1]))))]
     return single, multi
 
 
@@ -154,7 +160,8 @@ def _nearest_centroid_accuracy(x: np.ndarray, y: np.ndarray, n_train: int) -> fl
     return float((pred == y[n_train:]).mean())
 
 
-def test_hologram_class_shows_in_frames_not_in_main_frame() -> None:
+def test_hologram_class_shows_in_the_frames_not_in_the_main_image() -> None:
+    """Read where the hologram lies in each hand-held frame, the frames tell genuine from counterfeit."""
     holo_types = {"ald_id_card", "ald_passport", "cst_residence_permit"}
     singles, multis, ys = [], [], []
     i = 0
@@ -173,7 +180,82 @@ def test_hologram_class_shows_in_frames_not_in_main_frame() -> None:
     acc_single = _nearest_centroid_accuracy(np.array(singles), y, n_train)
     acc_multi = _nearest_centroid_accuracy(np.array(multis), y, n_train)
     assert acc_single < 0.65, acc_single
-    assert acc_multi > 0.9, acc_multi
+    assert acc_multi >= 0.85, acc_multi
+
+
+def _frame_difference(r: dict) -> float:
+    """The pixel-difference input of a registered-frames design: how much the angle frames differ where they
+    differ most (top 1% of pixels, after a light blur against noise)."""
+    from PIL import ImageFilter
+
+    a, b = (np.asarray(f.filter(ImageFilter.GaussianBlur(1.5)), np.float32) for f in r["frames"]["angles"])
+    d = np.abs(a - b).sum(-1).ravel()
+    return float(np.sort(d)[-max(1, d.size // 100) :].mean())
+
+
+def test_hand_held_frames_defeat_a_pixel_difference() -> None:
+    """Registered frames let a pixel difference find the genuine hologram; hand-held frames (each with its own
+    pose and exposure) make it fire on every capture, so alone it is near chance."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    auc = {}
+    for mode in ("registered", "handheld"):
+        x, y, i = [], [], 0
+        while len(y) < 40:
+            r = render_sample(3, "val", i, frames=mode)
+            i += 1
+            if r["frames"] and r["labels"].get("hologram") is not None:
+                x.append(_frame_difference(r))
+                y.append(r["labels"]["hologram"] == "genuine")
+        auc[mode] = float(binary_auroc(torch.tensor(x), torch.tensor(y).long()))
+    assert auc["registered"] > 0.75 and abs(auc["handheld"] - 0.5) < 0.15, auc
+
+
+def _screen_cue(im: Image.Image) -> float:
+    """Crude screen-replay statistics: lifted blacks, a blue cast, and the energy of periods 3-5 px (moiré)."""
+    a = np.asarray(im, np.float32)
+    g = a.mean(-1) - a.mean()
+    f = np.abs(np.fft.fft2(g))
+    r = np.hypot(np.fft.fftfreq(g.shape[0])[:, None], np.fft.fftfreq(g.shape[1])[None, :])
+    moire = f[(r > 0.18) & (r < 0.36)].sum() / f[r > 0.02].sum()
+    return float(np.percentile(a.mean(-1), 3) / 40 + (a[..., 2] - a[..., 0]).mean() / 20 + 10 * moire)
+
+
+def _behaviour_risk(user: dict) -> float:
+    b = user["behaviour"]
+    return b["attempts"] / 3 + min(b["device_changes"], 1) + max(0.0, 2 - float(np.log(b["seconds"])))
+
+
+def test_presentation_attacks_show_partly_in_the_image_partly_in_the_behaviour() -> None:
+    """Screen replays show in the image and behave like bona fide sessions; injections look clean and show in the
+    behaviour: each input alone misses half the attacks, together they find most (the task needs both)."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    attack, image, beh = [], [], []
+    for i in range(160):
+        r = render_sample(5, "test", i)
+        attack.append(r["attack"])
+        image.append(_screen_cue(r["image"]))
+        beh.append(_behaviour_risk(r["user"]))
+        assert r["labels"]["presentation_attack"] == ("bona_fide" if r["attack"] is None else "attack")
+    kind = np.array([a or "bona_fide" for a in attack])
+    img, bh = np.array(image), np.array(beh)
+
+    def auc(x: np.ndarray, positive: np.ndarray, among: np.ndarray) -> float:
+        return float(binary_auroc(torch.tensor(x[among]), torch.tensor(positive[among]).long()))
+
+    bona, replay, inject = kind == "bona_fide", kind == "screen_replay", kind == "injection"
+    everyone = np.ones_like(bona)
+    assert 0.2 < (~bona).mean() < 0.4 and replay.sum() >= 10 and inject.sum() >= 10
+    assert auc(img, replay, bona | replay) > 0.75  # replays show in the image...
+    assert auc(bh, replay, bona | replay) < 0.7  # ...not in the behaviour
+    assert auc(bh, inject, bona | inject) > 0.9  # injections show in the behaviour...
+    assert auc(img, inject, bona | inject) < 0.7  # ...not in the image
+    z = lambda v: (v - v[bona].mean()) / v[bona].std()  # noqa: E731
+    both = auc(np.maximum(z(img), z(bh)), ~bona, everyone)
+    assert both > max(auc(img, ~bona, everyone), auc(bh, ~bona, everyone)) + 0.05
 
 
 def test_drop_doc_type_and_missing_fraction(tmp_path: Path) -> None:

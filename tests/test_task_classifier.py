@@ -380,7 +380,7 @@ def test_recognizer_resolves_images_without_doc_type(trained, tmp_path: Path) ->
         CAT, ckpt, threshold={"hologram": 0.5, "nationality_match": 0.5}, cache_dir=tmp_path
     )
     rec = Recognizer(module, task_resolver=resolver)
-    assert str(ckpt) in rec.info()["task_resolver"]  # what `idrecog serve`'s GET /health reports
+    assert str(ckpt) in rec.info()["task_resolver"]  # what `idrecog serve`'s GET /info reports
     s = read_manifest(data / "val.jsonl", CAT)[0]
     image = Image.open(data / s.image).convert("RGB")
     reqs = [

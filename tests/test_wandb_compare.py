@@ -122,7 +122,7 @@ def _csv_run(root: Path, design_path: str, seed: int, holo: float, doc: float) -
     d = root / "lightning_logs/version_0"
     d.mkdir(parents=True)
     (d / "metrics.csv").write_text(
-        "epoch,step,val/hologram/accuracy,val/doc_type/accuracy,val/loss\n"
+        "epoch,step,val/hologram/f1_macro,val/doc_type/f1_macro,val/loss\n"
         f"0,9,0.1,0.2,3.0\n1,19,{holo},{doc},\n1,19,,,2.0\n"
     )
     (d / "hparams.yaml").write_text(yaml.safe_dump({"queries": {"class_path": design_path}}))
@@ -143,7 +143,7 @@ def test_compare_writes_table_and_chart(tmp_path: Path) -> None:
     w = tmp_path / "w/wandb/offline-run-20240101_000000-abc/files"
     w.mkdir(parents=True)
     (w / "wandb-summary.json").write_text(
-        json.dumps({"val/hologram/accuracy": 0.55, "val/doc_type/accuracy": 0.6})
+        json.dumps({"val/hologram/f1_macro": 0.55, "val/doc_type/f1_macro": 0.6})
     )
     (w / "config.yaml").write_text(
         yaml.safe_dump(

@@ -38,7 +38,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "idrecog.cli.compare:main",
         "compare runs (CSV logs or offline W&B folders): Markdown table + bar chart",
     ),
-    "serve": ("idrecog.cli.recognition:serve_main", "HTTP service: POST /recognize, GET /health"),
+    "serve": (
+        "idrecog.cli.recognition:serve_main",
+        "HTTP service: POST /recognize, GET /ready, /health, /metrics (API keys)",
+    ),
+    "serve-key": ("idrecog.cli.recognition:serve_key_main", "make or revoke an API key of `idrecog serve`"),
 }
 
 

@@ -1,4 +1,5 @@
-"""``idrecog data check DIR`` and ``idrecog data show DIR --out grid.png`` (jsonargparse)."""
+"""``idrecog data check DIR``, ``idrecog data show DIR --out grid.png`` and ``idrecog data cues DIR --out cues.png``
+(jsonargparse)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,26 @@ def build_parser() -> ArgumentParser:
         "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
     )
     sub.add_subcommand("show", show, help="draw samples into a PNG grid")
+
+    cues = ArgumentParser(
+        description="Draw the anti-fraud cues: genuine vs forged crops around each label's evidence and the frames of "
+        "a capture, at the stored resolution and as the model sees them, into a PNG."
+    )
+    cues.add_argument("dir", type=str, help="the dataset folder")
+    cues.add_argument(
+        "--task", type=str, default="tampering", help="the classification task whose classes to compare"
+    )
+    cues.add_argument(
+        "--frames_task", type=str | None, default="hologram", help="a multi-frame task whose captures to draw"
+    )
+    cues.add_argument("--split", type=str, default="val", help="which manifest to draw from")
+    cues.add_argument("--per_class", type=int, default=2, help="samples per class")
+    cues.add_argument("--img_size", type=tuple[int, int], default=(160, 256), help="(H, W) the model reads")
+    cues.add_argument("--out", type=str, required=True, help="the PNG to write")
+    cues.add_argument(
+        "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
+    )
+    sub.add_subcommand("cues", cues, help="draw genuine vs forged crops and capture frames into a PNG")
     return parser
 
 
@@ -54,6 +75,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_check(
             c.dir, splits=c.splits, allow_external_paths=c.allow_external_paths, mask_samples=c.mask_samples
         )
+    if cfg.subcommand == "cues":
+        from idrecog.data.show import show_cues
+
+        c = cfg.cues
+        out = show_cues(
+            c.dir,
+            task=c.task,
+            frames_task=c.frames_task,
+            split=c.split,
+            per_class=c.per_class,
+            img_size=tuple(c.img_size),
+            out=c.out,
+            allow_external_paths=c.allow_external_paths,
+        )
+        print(f"wrote {out}")
+        return 0
     from idrecog.data.show import show_samples
 
     s = cfg.show

@@ -166,24 +166,76 @@ def serve_main(argv: list[str]) -> int:
     from idrecog.utils.extras import require_extra
 
     require_extra("serve", ("litserve", "fastapi", "uvicorn"), "idrecog serve")
+    from idrecog.recognition.audit import AuditSettings, RetentionSettings
     from idrecog.recognition.serve import ServeLimits
 
-    p = ArgumentParser(prog="idrecog serve", description="Serve POST /recognize (multipart) and GET /health.")
+    p = ArgumentParser(
+        prog="idrecog serve",
+        description="Serve POST /recognize (multipart, API key), GET /health, /ready and /metrics.",
+    )
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--rules", default="default", help="rule file; 'default' (shipped) or 'none'")
     p.add_argument("--limits", type=ServeLimits, default=ServeLimits(), help="request limits and batching")
+    p.add_argument(
+        "--api_keys",
+        default=None,
+        help="file of API key hashes (`idrecog serve-key`); also read: the IDRECOG_API_KEYS variable",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without API keys and without an audit log; refused unless --host is a loopback address",
+    )
+    p.add_argument(
+        "--audit", type=AuditSettings, default=AuditSettings(), help="decision audit log (JSON lines)"
+    )
+    p.add_argument(
+        "--retention",
+        type=RetentionSettings,
+        default=RetentionSettings(),
+        help="keeping uploads (personal data); default: nothing is kept",
+    )
     p.add_argument("--task_resolver", type=dict | None, default=None, help=TASK_RESOLVER_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--log_level", default="warning")
     args = p.parse_args(argv)
+    from idrecog.recognition.audit import AuditLog, Retention
+    from idrecog.recognition.auth import ApiKeyStore
     from idrecog.recognition.recognizer import Recognizer
-    from idrecog.recognition.serve import serve
+    from idrecog.recognition.serve import is_loopback, serve
 
     resolver_kwargs = _check_task_resolver(args.task_resolver)
-
     limits = args.limits if isinstance(args.limits, ServeLimits) else ServeLimits(**dict(args.limits))
+    audit_settings = (
+        args.audit if isinstance(args.audit, AuditSettings) else AuditSettings(**dict(args.audit))
+    )
+    retention_settings = (
+        args.retention
+        if isinstance(args.retention, RetentionSettings)
+        else RetentionSettings(**dict(args.retention))
+    )
+    # every setting is checked before the model is loaded
+    keys = ApiKeyStore.from_sources(args.api_keys)
+    if args.insecure:
+        if keys is not None:
+            raise ConfigError(
+                "--insecure: API keys are configured (--api_keys or IDRECOG_API_KEYS); drop one"
+            )
+        if not is_loopback(args.host):
+            raise ConfigError(
+                f"--insecure: allowed on a loopback --host only (127.0.0.1, ::1), not {args.host}"
+            )
+    elif keys is None:
+        raise ConfigError(
+            "--api_keys: no API keys (give a key file, set IDRECOG_API_KEYS, or --insecure on 127.0.0.1); "
+            "make one with `idrecog serve-key --id NAME --keys_file FILE`"
+        )
+    if audit_settings.path is None and not args.insecure:
+        raise ConfigError("--audit.path: a file for the decision audit log is required (JSON lines)")
+    retention = Retention.check(retention_settings)
+
     rec = Recognizer.from_checkpoint(
         args.ckpt_path,
         map_location=args.device,
@@ -191,8 +243,49 @@ def serve_main(argv: list[str]) -> int:
         batch_size=limits.max_batch_size,
     )
     _attach_task_resolver(rec, resolver_kwargs, args.device)
+    audit = AuditLog(audit_settings, rec.provenance()) if audit_settings.path else None
+    mode = "NO API KEYS (--insecure)" if keys is None else f"{len(keys.keys)} API key(s)"
     print(
-        f"[idrecog] serving {args.ckpt_path} on http://{args.host}:{args.port} (POST /recognize, GET /health)"
+        f"[idrecog] serving {args.ckpt_path} ({rec.provenance()['model']}) on http://{args.host}:{args.port} "
+        f"with {mode}; audit log: {audit_settings.path or 'none'}; uploads kept: "
+        f"{retention_settings.dir if retention is not None else 'none'}",
+        flush=True,
     )
-    serve(rec, host=args.host, port=args.port, limits=limits, log_level=args.log_level)
+    try:
+        serve(
+            rec,
+            host=args.host,
+            port=args.port,
+            limits=limits,
+            log_level=args.log_level,
+            keys=keys,
+            insecure=args.insecure,
+            audit=audit,
+            retention=retention,
+        )
+    finally:
+        if audit is not None:
+            audit.close()
+    return 0
+
+
+def serve_key_main(argv: list[str]) -> int:
+    from idrecog.recognition.auth import add_key, revoke_key
+
+    p = ArgumentParser(
+        prog="idrecog serve-key",
+        description="Make an API key of `idrecog serve` (printed once; its SHA-256 is appended to the key "
+        "file) or revoke one. A running server re-reads the file within a second.",
+    )
+    p.add_argument("--id", required=True, help="the key's public id (written to the audit log)")
+    p.add_argument("--keys_file", required=True, help="the key file given to `idrecog serve --api_keys`")
+    p.add_argument("--revoke", action="store_true", help="mark the key revoked (403) instead")
+    args = p.parse_args(argv)
+    if args.revoke:
+        revoke_key(args.keys_file, args.id)
+        print(f"[idrecog] revoked key {args.id!r} in {args.keys_file}", file=sys.stderr)
+    else:
+        key = add_key(args.keys_file, args.id)
+        print(f"[idrecog] key {args.id!r} added to {args.keys_file}; it is shown only now:", file=sys.stderr)
+        print(key)
     return 0

@@ -25,6 +25,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--drop-doc-type", type=float, default=0.0, help="fraction of train samples without doc_type"
     )
+    p.add_argument(
+        "--frames",
+        default="handheld",
+        help="flash/angle frames: handheld (own pose, exposure, focus per frame) or registered (pixel-aligned control)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -49,6 +54,7 @@ def main(argv: list[str]) -> int:
         overwrite=args.overwrite,
         missing_fraction=args.missing_fraction,
         drop_doc_type=args.drop_doc_type,
+        frames=args.frames,
         progress=not args.no_progress,
     )
     print(f"wrote {args.train} train, {args.val} val, {args.test} test samples to {out}")

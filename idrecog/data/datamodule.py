@@ -159,8 +159,11 @@ class IdDataModule(L.LightningDataModule):
         return self._catalogue
 
     def prepare_data(self) -> None:
-        """Generate the synthetic benchmark into ``root`` when it is missing and ``synthesize_if_missing``."""
+        """Generate the synthetic benchmark into ``root`` when it is missing and ``synthesize_if_missing``; refuse a
+        folder there that an older generator wrote (its tasks or benchmark version differ from this idrecog's)."""
         if self._has_data():
+            if self.synthesize_if_missing:
+                self._check_synthetic_version()
             return
         if not self.synthesize_if_missing:
             raise self._missing_root_error()
@@ -173,6 +176,28 @@ class IdDataModule(L.LightningDataModule):
         )
         generate_dataset(self.root, **kwargs)
         print(f"[data] wrote {self.root}", flush=True)
+
+    def _check_synthetic_version(self) -> None:
+        """A synthetic benchmark written by another version of the generator is refused (its settings file names
+        another version, or it is a version-1 folder, which had none); any other dataset is used as it is."""
+        import json
+
+        from idrecog.synth.generate import BENCHMARK_VERSION, SETTINGS_FILE
+
+        settings = self.root / SETTINGS_FILE
+        if settings.is_file():
+            version = json.loads(settings.read_text()).get("benchmark_version")
+        else:
+            cat = load_catalogue(self.root / "tasks.yaml")
+            v1_tasks = [t for t in default_catalogue().names if t != "presentation_attack"]
+            builtin = set(default_catalogue().doc_types or {})
+            version = 1 if cat.names == v1_tasks and set(cat.doc_types or {}) == builtin else None
+        if version is not None and version != BENCHMARK_VERSION:
+            raise ConfigError(
+                f"data.root: {self.root} holds version {version} of the synthetic benchmark; this idrecog generates "
+                f"version {BENCHMARK_VERSION} (docs/synthetic-benchmark.md): delete the folder to have it generated "
+                "again, or set data.synthesize_if_missing: false to use it as it is"
+            )
 
     @property
     def resolver(self) -> TaskResolver:

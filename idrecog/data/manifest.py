@@ -19,7 +19,7 @@ from idrecog.errors import DataFormatError
 from idrecog.tasks.catalogue import TaskCatalogue
 
 SPLITS = ("train", "val", "test")
-_SAMPLE_KEYS = {"id", "image", "doc_type", "labels", "assoc", "user"}
+_SAMPLE_KEYS = {"id", "image", "doc_type", "labels", "assoc", "user", "evidence"}
 
 
 @dataclass
@@ -32,6 +32,9 @@ class Sample:
     doc_type: str | None = None
     assoc: dict[str, Any] = field(default_factory=dict)
     user: dict[str, Any] | None = None
+    #: {task: [x0, y0, x1, y1]}: where in the image a label's evidence lies (the edited region of a forgery), in
+    #: image pixels; optional, for pictures and analysis
+    evidence: dict[str, list[float]] = field(default_factory=dict)
     line: int = 0
     source: str = ""
 
@@ -52,6 +55,8 @@ class Sample:
             d["assoc"] = self.assoc
         if self.user is not None:
             d["user"] = self.user
+        if self.evidence:
+            d["evidence"] = self.evidence
         return d
 
 
@@ -149,6 +154,23 @@ def parse_sample(
                 raise err(f"user.behaviour.{k}", f"must be a number or a category string, got {v!r}")
             if isinstance(v, float) and not math.isfinite(v):
                 raise err(f"user.behaviour.{k}", f"must be finite, got {v!r}")
+    evidence = obj.get("evidence") or {}
+    if not isinstance(evidence, dict):
+        raise err("evidence", "must be an object {task name: [x0, y0, x1, y1]}")
+    for task, box in evidence.items():
+        if task not in catalogue:
+            raise err(f"evidence.{task}", f"unknown task {task!r}; the catalogue has {catalogue.names}")
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box
+            )
+            or not (box[0] < box[2] and box[1] < box[3])
+        ):
+            raise err(
+                f"evidence.{task}", f"must be a box [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {box!r}"
+            )
     return Sample(
         id=str(sid),
         image=image,
@@ -156,6 +178,7 @@ def parse_sample(
         doc_type=doc_type,
         assoc=dict(assoc),
         user=user,
+        evidence={k: [float(v) for v in b] for k, b in evidence.items()},
         line=line,
         source=source,
     )

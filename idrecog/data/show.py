@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from idrecog.data.dataset import IdDataset
 from idrecog.errors import ConfigError
@@ -100,6 +100,128 @@ def show_samples(
     for k, t in enumerate(tiles):
         r, c = divmod(k, cols)
         grid.paste(t, (pad + c * (cw + pad), pad + r * (ch + pad)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ cues
+def _display(crop: Image.Image, height: int) -> Image.Image:
+    """A crop scaled to ``height`` pixels with nearest-neighbour sampling, so pixels stay visible as pixels."""
+    scale = height / max(1, crop.height)
+    return crop.resize((max(1, round(crop.width * scale)), height), Image.Resampling.NEAREST)
+
+
+def _as_model_sees(image: Image.Image, img_size: tuple[int, int]) -> Image.Image:
+    """The image through the model's resize (antialiased, as the eval transform does), back at its own size."""
+    h, w = img_size
+    return image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None).resize(
+        image.size, Image.Resampling.NEAREST
+    )
+
+
+def _row(
+    cells: list[tuple[str, Image.Image]], f: ImageFont.ImageFont | ImageFont.FreeTypeFont
+) -> Image.Image:
+    """Images side by side, each under its caption (a cell is as wide as the wider of the two)."""
+    line_h = (f.size + 4) if hasattr(f, "size") else 14
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [max(c.width, round(probe.textlength(t, font=f))) for t, c in cells]
+    row = Image.new(
+        "RGB", (sum(widths) + 10 * (len(cells) + 1), max(c.height for _, c in cells) + line_h + 8), "white"
+    )
+    d = ImageDraw.Draw(row)
+    x = 10
+    for (caption, c), w in zip(cells, widths, strict=True):
+        row.paste(c, (x, line_h + 4))
+        d.text((x, 2), caption, fill=(0, 0, 0), font=f)
+        x += w + 10
+    return row
+
+
+def show_cues(
+    root: str | Path,
+    *,
+    task: str = "tampering",
+    frames_task: str | None = "hologram",
+    split: str = "val",
+    per_class: int = 2,
+    img_size: tuple[int, int] = (160, 256),
+    height: int = 120,
+    out: str | Path = "cues.png",
+    allow_external_paths: bool = False,
+) -> Path:
+    """What an anti-fraud cue looks like: for each class of ``task`` (bona fide first), ``per_class`` samples,
+    each as the crop around its evidence box (manifest ``evidence``; the whole image without one) at the stored
+    resolution and as the model sees it at ``img_size``; then, for ``frames_task``, the main image and every
+    frame of two captures (one per class) at both resolutions. Crops are shown ``height`` pixels high."""
+    from idrecog.data.dataset import read_rgb
+    from idrecog.data.manifest import read_manifest
+    from idrecog.tasks.catalogue import load_catalogue
+
+    root = Path(root)
+    cat = load_catalogue(root / "tasks.yaml")
+    if task not in cat or not cat[task].classes:
+        raise ConfigError(f"--task {task!r} is not a classification task of {root / 'tasks.yaml'}")
+    samples = read_manifest(root / f"{split}.jsonl", cat, allow_external_paths=allow_external_paths)
+    f = font(12)
+    rows: list[Image.Image] = []
+    for cls in cat[task].classes or ():
+        picked = [s for s in samples if s.labels.get(task) == cls]
+        picked = sorted(picked, key=lambda s: task not in s.evidence)[:per_class]  # those with evidence first
+        for s in picked:
+            image = Image.fromarray(read_rgb(root / s.image).permute(1, 2, 0).numpy())
+            box = s.evidence.get(task)
+            pad = 0.25
+            if box is not None:
+                bw, bh = box[2] - box[0], box[3] - box[1]
+                region = (box[0] - pad * bw, box[1] - pad * bh, box[2] + pad * bw, box[3] + pad * bh)
+            else:
+                region = (0, 0, image.width, image.height)
+            region = tuple(round(v) for v in region)
+            seen = _as_model_sees(image, img_size)
+            sx, sy = img_size[1] / image.width, img_size[0] / image.height
+            cw, ch = region[2] - region[0], region[3] - region[1]
+            rows.append(
+                _row(
+                    [
+                        (f"{task}={cls}  {s.id}  {cw}x{ch} px stored", _display(image.crop(region), height)),
+                        (
+                            f"as the model sees it: {round(cw * sx)}x{round(ch * sy)} px at {img_size[1]}x{img_size[0]}",
+                            _display(seen.crop(region), height),
+                        ),
+                    ],
+                    f,
+                )
+            )
+    if frames_task is not None and frames_task in cat and cat[frames_task].uses_frames:
+        for cls in cat[frames_task].classes or ():
+            s = next((s for s in samples if s.labels.get(frames_task) == cls and s.flash and s.angles), None)
+            if s is None:
+                continue
+            named = [("main", s.image), ("flash", s.flash)] + [
+                (f"angle {k + 1}", a) for k, a in enumerate(s.angles)
+            ]
+            cells = []
+            for name, rel in named:
+                im = Image.fromarray(read_rgb(root / rel).permute(1, 2, 0).numpy())
+                cells.append((f"{frames_task}={cls} {name}", _display(im, height)))
+            rows.append(_row(cells, f))
+            cells = []
+            for name, rel in named:
+                im = Image.fromarray(read_rgb(root / rel).permute(1, 2, 0).numpy())
+                cells.append(
+                    (f"{name} at {img_size[1]}x{img_size[0]}", _display(_as_model_sees(im, img_size), height))
+                )
+            rows.append(_row(cells, f))
+    if not rows:
+        raise ConfigError(f"{root / (split + '.jsonl')} has no labelled sample of task {task!r}")
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (235, 235, 235))
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

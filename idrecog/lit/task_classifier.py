@@ -30,19 +30,11 @@ from idrecog.models.queries import module_key
 from idrecog.models.task_classifier import TaskClassifier
 from idrecog.models.unified import module_config, module_from_config
 from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
+from idrecog.utils.checkpoint import plain
 
 __all__ = ["TaskClassifierModule", "load_task_classifier", "task_targets"]
 
 STAGES = ("val", "test")
-
-
-def _plain(value: Any) -> Any:
-    """Mappings/sequences to dicts/lists, so hparams pickle as builtins (``weights_only=True`` refuses classes)."""
-    if isinstance(value, Mapping) or hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def task_targets(catalogue: TaskCatalogue, doc_types: Sequence[str | None]) -> tuple[Tensor, Tensor]:
@@ -130,7 +122,7 @@ class TaskClassifierModule(L.LightningModule):
                 "backbone": None if enc is not None else backbone,
                 "encoder": enc_cfg,
                 "input_size": [h, w],
-                "backbone_kwargs": _plain(backbone_kwargs),
+                "backbone_kwargs": plain(backbone_kwargs),
                 "drop_rate": drop_rate,
                 "lr": lr,
                 "weight_decay": weight_decay,
@@ -329,7 +321,7 @@ def load_task_classifier(
 
     where = str(ckpt) if isinstance(ckpt, str | Path) else "<checkpoint>"
     obj = load_checkpoint(ckpt, map_location=map_location) if isinstance(ckpt, str | Path) else ckpt
-    hp = _plain(obj.get("hyper_parameters") or {})
+    hp = plain(obj.get("hyper_parameters") or {})
     if "state_dict" not in obj or "catalogue" not in hp or "input_size" not in hp:
         raise ConfigError(
             f"{where}: not a task-classifier checkpoint (no state_dict, catalogue or input_size)"

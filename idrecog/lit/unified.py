@@ -23,6 +23,7 @@ from idrecog.errors import ConfigError, NonFiniteLossError
 from idrecog.lit.balancing import create_balancer
 from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
 from idrecog.models.decoder import TaskDecoder
+from idrecog.models.detail import DetailBranch
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.interpreter import Route, TaskGuidedInterpreter
 from idrecog.models.queries import LearnedQueries, TaskQueryProvider, module_key
@@ -30,6 +31,7 @@ from idrecog.models.unified import UnifiedModel, module_config, module_from_conf
 from idrecog.tasks.base import TaskType
 from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
 from idrecog.tasks.registry import get_task_type_class
+from idrecog.utils.checkpoint import plain
 
 __all__ = ["UnifiedModule", "format_metrics_table", "load_unified", "score_of"]
 
@@ -78,6 +80,8 @@ class UnifiedModule(L.LightningModule):
             synthetic catalogue.
         encoder / queries / decoder / interpreter: the parts (None: tiny defaults: ``vit_tiny_patch16_224`` at
             160x256, learned queries, a 2-layer 192-wide decoder, a 128-wide guidance unit).
+        detail: a high-resolution branch (:class:`~idrecog.models.detail.DetailBranch`) read by the queries of
+            the tasks it names; None: none.
         task_options: per task TYPE (or task name) options, e.g. ``{"detection": {"num_queries": 16}}``.
         task_weights: fixed per-task loss multipliers (default 1).
         balancing: ``fixed`` | ``uncertainty`` (Kendall et al.) | ``dwa`` (Liu et al.).
@@ -105,6 +109,7 @@ class UnifiedModule(L.LightningModule):
         queries: TaskQueryProvider | None = None,
         decoder: TaskDecoder | None = None,
         interpreter: TaskGuidedInterpreter | None = None,
+        detail: DetailBranch | None = None,
         task_options: dict[str, dict] | None = None,
         task_weights: dict[str, float] | None = None,
         balancing: str = "fixed",
@@ -132,6 +137,7 @@ class UnifiedModule(L.LightningModule):
         qp = module_from_config(queries, TaskQueryProvider, "queries") or LearnedQueries()
         dec = module_from_config(decoder, TaskDecoder, "decoder") or TaskDecoder(dim=192)
         itp = module_from_config(interpreter, TaskGuidedInterpreter, "interpreter") or TaskGuidedInterpreter()
+        det = module_from_config(detail, DetailBranch, "detail")
         enc_cfg = module_config(enc)
         # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file
         enc_cfg["init_args"]["init_from"] = None
@@ -143,10 +149,11 @@ class UnifiedModule(L.LightningModule):
                 "queries": module_config(qp),
                 "decoder": module_config(dec),
                 "interpreter": module_config(itp),
-                "task_options": _plain(task_options),
-                "task_weights": _plain(task_weights),
+                "detail": module_config(det) if det is not None else None,
+                "task_options": plain(task_options),
+                "task_weights": plain(task_weights),
                 "balancing": balancing,
-                "balancing_options": _plain(balancing_options),
+                "balancing_options": plain(balancing_options),
                 "gate_loss_weight": gate_loss_weight,
                 "lr": lr,
                 "encoder_lr_scale": encoder_lr_scale,
@@ -156,7 +163,7 @@ class UnifiedModule(L.LightningModule):
                 "min_lr_ratio": min_lr_ratio,
                 "fused_adamw": fused_adamw,
                 "compile": compile,
-                "user_features": _plain(user_features),
+                "user_features": plain(user_features),
                 "train_metrics": train_metrics,
                 "max_nonfinite_steps": max_nonfinite_steps,
             }
@@ -165,7 +172,9 @@ class UnifiedModule(L.LightningModule):
         self._nonfinite_run = 0  # consecutive training steps with a non-finite loss
         self.catalogue: TaskCatalogue = cat
         self.user_features = user_features
-        self.model = UnifiedModel(cat, enc, qp, dec, itp, task_options, user_features=user_features)
+        self.model = UnifiedModel(
+            cat, enc, qp, dec, itp, task_options, user_features=user_features, detail=det
+        )
         self.task_types: dict[str, TaskType] = self.model.task_types
         self.task_names = list(cat.names)
         self.balancer = create_balancer(
@@ -217,7 +226,7 @@ class UnifiedModule(L.LightningModule):
             state = dm.user_features()
             self.model.queries.set_user_spec(state)
             self.user_features = state
-            self.hparams["user_features"] = _plain(state)
+            self.hparams["user_features"] = plain(state)
 
     def configure_model(self) -> None:
         if self.hparams.get("compile") and not self._compiled:
@@ -336,7 +345,7 @@ class UnifiedModule(L.LightningModule):
         hp = checkpoint.get("hyper_parameters") or {}
         if "catalogue" not in hp:
             return
-        stored = TaskCatalogue.from_dict(_plain(hp["catalogue"]), source="the checkpoint")
+        stored = TaskCatalogue.from_dict(plain(hp["catalogue"]), source="the checkpoint")
         diff = stored.diff(TaskCatalogue.from_dict(self.catalogue.to_dict(), source="the data"))
         if diff:
             raise ConfigError(
@@ -419,7 +428,8 @@ class UnifiedModule(L.LightningModule):
             mc.reset()
             for key, value in values.items():
                 self.log(f"{stage}/{task}/{key}", value)
-            if tt.primary_metric in values:
+            # a task whose label depends on inputs these queries never read is logged but not scored
+            if tt.primary_metric in values and self.model.queries.reads(tt.spec.requires):
                 scores.append(score_of(tt, float(values[tt.primary_metric])))
         if scores:
             self.log(f"{stage}/score", float(sum(scores) / len(scores)))
@@ -448,15 +458,6 @@ class UnifiedModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": warmup_cosine_schedule(opt, warmup, total, hp.min_lr_ratio)}
 
 
-def _plain(value: Any) -> Any:
-    """Mappings to dicts (jsonargparse Namespaces and AttributeDicts pickle as classes, which weights_only refuses)."""
-    if isinstance(value, Mapping) or hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def load_unified(
     ckpt_path: str | Path,
     map_location: str | torch.device = "cpu",
@@ -475,7 +476,7 @@ def load_unified(
         raise ConfigError(
             f"{ckpt_path}: not a unified-model checkpoint (no state_dict or no catalogue in its hparams)"
         )
-    stored = TaskCatalogue.from_dict(_plain(hp["catalogue"]), source=str(ckpt_path))
+    stored = TaskCatalogue.from_dict(plain(hp["catalogue"]), source=str(ckpt_path))
     if catalogue is not None:
         given = coerce_catalogue(catalogue)
         diff = stored.diff(given)
@@ -485,7 +486,7 @@ def load_unified(
                 + "; ".join(diff)
             )
     names = set(inspect.signature(UnifiedModule.__init__).parameters) - {"self"}
-    kwargs = {k: _plain(v) if isinstance(v, Mapping) else v for k, v in hp.items() if k in names}
+    kwargs = {k: plain(v) if isinstance(v, Mapping) else v for k, v in hp.items() if k in names}
     module = UnifiedModule(**kwargs)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     return module.to(map_location).eval()

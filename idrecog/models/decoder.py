@@ -79,13 +79,18 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, memory: Tensor, memory_pos: Tensor | None, self_mask: Tensor | None
+        self,
+        x: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor | None,
+        self_mask: Tensor | None,
+        cross_mask: Tensor | None = None,
     ) -> Tensor:
         h = self.norm1(x)
         x = x + self.drop(self.self_attn(h, h, h, attn_mask=self_mask))
         h = self.norm2(x)
         keys = memory if memory_pos is None else memory + memory_pos
-        x = x + self.drop(self.cross_attn(h, keys, memory))
+        x = x + self.drop(self.cross_attn(h, keys, memory, attn_mask=cross_mask))
         return x + self.mlp(self.norm3(x))
 
 
@@ -153,11 +158,17 @@ class TaskDecoder(nn.Module):
         return {"memory_pos"} if self.memory_pos_kind == "learned" else set()
 
     def forward(
-        self, queries: Tensor, memory: Tensor, task_slices: Mapping[str, slice] | Sequence[slice]
+        self,
+        queries: Tensor,
+        memory: Tensor,
+        task_slices: Mapping[str, slice] | Sequence[slice],
+        extra: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """queries: [B, Q, dim]; memory: [B, L, enc_dim] image tokens (L = h * w, row-major) -> [B, Q, dim].
 
         task_slices: each task's token range in ``queries`` (a mapping task -> slice, or a list of slices).
+        extra: more memory for some queries only, (tokens [B, L_d, dim], their key position [1, L_d, dim],
+        cross-attention mask bool [Q, L + L_d], True = may attend), e.g. the detail branch's tokens.
         """
         slices = list(task_slices.values()) if isinstance(task_slices, Mapping) else list(task_slices)
         mask = None
@@ -169,7 +180,14 @@ class TaskDecoder(nn.Module):
             raise ConfigError(
                 f"the decoder was built for {pos.shape[1]} image tokens (grid {self.grid_size}), got {mem.shape[1]}"
             )
+        cross_mask = None
+        if extra is not None:
+            tokens, extra_pos, cross_mask = extra
+            if pos is None:
+                pos = torch.zeros_like(mem[:1])
+            mem = torch.cat([mem, tokens], dim=1)
+            pos = torch.cat([pos.to(mem.dtype), extra_pos.to(mem.dtype)], dim=1)
         x = queries
         for layer in self.layers:
-            x = layer(x, mem, pos, mask)
+            x = layer(x, mem, pos, mask, cross_mask)
         return self.norm(x)

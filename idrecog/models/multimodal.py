@@ -80,9 +80,12 @@ class MultimodalQueries(TaskQueryProvider):
             embeddings scaled by 1 + the converter's output); see the module docstring.
         static_queries: ``text`` (default) or ``converter``: how tasks that read no associated information get
             their queries (see the module docstring).
+        user_parts: the parts of the user information the converter reads (``attributes``, ``behaviour``); the
+            others are masked out, as missing values are (to measure what one part brings).
     """
 
     consumes_frames = True
+    consumes_user = True
 
     def __init__(
         self,
@@ -99,8 +102,13 @@ class MultimodalQueries(TaskQueryProvider):
         frame_change: bool = True,
         combine: str = "add",
         static_queries: str = "text",
+        user_parts: tuple[str, ...] = ("attributes", "behaviour"),
     ) -> None:
         super().__init__()
+        if not set(user_parts) <= {"attributes", "behaviour"}:
+            raise ConfigError(
+                f"queries.user_parts must be drawn from ['attributes', 'behaviour'], got {user_parts!r}"
+            )
         if image_mode not in IMAGE_MODES:
             raise ConfigError(f"queries.image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
         if static_queries not in STATIC_PATHS:
@@ -119,6 +127,7 @@ class MultimodalQueries(TaskQueryProvider):
             "frame_change": bool(frame_change),
             "combine": check_combine(combine),
             "static_queries": static_queries,
+            "user_parts": list(user_parts),
         }
         self.model_dir, self.width, self.image_mode = model_dir, width, image_mode
         self.frame_pool = (int(frame_pool[0]), int(frame_pool[1]))
@@ -126,6 +135,8 @@ class MultimodalQueries(TaskQueryProvider):
         self.depth, self.num_heads, self.mlp_ratio = depth, num_heads, mlp_ratio
         self.frame_change = bool(frame_change)
         self.combine, self.static_queries = combine, static_queries
+        #: which parts of the user information the converter reads (an ablation drops one: masked, not zeroed)
+        self.user_parts = frozenset(user_parts)
         self.tasks: list[str] = []
         self.frame_kinds: dict[
             str, tuple[bool, bool]
@@ -320,11 +331,11 @@ class MultimodalQueries(TaskQueryProvider):
         has = user["mask"].bool()  # [B]
         b = attrs.shape[0]
         a_tok = self.attr_embed(attrs + self.attr_offsets) + self.attr_id[: self.n_attr]  # [B, n_attr, w]
-        a_valid = (attrs > 0) & has.unsqueeze(1)
+        a_valid = (attrs > 0) & has.unsqueeze(1) & ("attributes" in self.user_parts)
         beh = user["behaviour"].float()  # [B, n_beh]
         w_ = self.beh_weight[: self.n_behaviour]
         b_tok = beh.unsqueeze(-1) * w_ + self.beh_bias[: self.n_behaviour]  # [B, n_beh, w]
-        b_valid = user["behaviour_mask"].bool() & has.unsqueeze(1)
+        b_valid = user["behaviour_mask"].bool() & has.unsqueeze(1) & ("behaviour" in self.user_parts)
         tok = torch.cat([a_tok.reshape(b, self.n_attr, -1), b_tok], dim=1) + self.kind_embed[USER]
         return tok, torch.cat([a_valid, b_valid], dim=1)
 

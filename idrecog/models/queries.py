@@ -16,7 +16,7 @@ Providers live in a small table (timm style)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -75,6 +75,15 @@ class TaskQueryProvider(nn.Module):
     #: ``forward`` reads associated frames (``batch["assoc"]``); the DataModule decodes frames only for providers
     #: that do (``UnifiedModule.setup`` tells it)
     consumes_frames: bool = False
+    #: ``forward`` reads the sample's user information (``batch["user"]``)
+    consumes_user: bool = False
+
+    def reads(self, inputs: Iterable[str]) -> bool:
+        """Whether the queries read every one of ``inputs`` (``flash``, ``angles``, ``user``)."""
+        have = ({"flash", "angles"} if self.consumes_frames else set()) | (
+            {"user"} if self.consumes_user else set()
+        )
+        return set(inputs) <= have
 
     def __init__(self) -> None:
         super().__init__()

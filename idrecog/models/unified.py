@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from idrecog.errors import ConfigError
 from idrecog.models.decoder import TaskDecoder
+from idrecog.models.detail import DetailBranch, detail_mask
 from idrecog.models.encoder import ViTEncoder
 from idrecog.models.interpreter import Route, TaskGuidedInterpreter
 from idrecog.models.pixel_decoder import PixelDecoder
@@ -100,6 +101,7 @@ class UnifiedModel(nn.Module):
         interpreter: the task-guided interpreter (built here with each task's head).
         task_options: per task TYPE (or task name) options for the task types, e.g. ``{"detection": {"num_queries": 16}}``.
         user_features: the DataModule's fitted ``UserFeatureEncoder`` state, for providers that embed user info.
+        detail: a high-resolution branch whose tokens the queries of its tasks also read (None: none).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class UnifiedModel(nn.Module):
         interpreter: TaskGuidedInterpreter,
         task_options: Mapping[str, Mapping[str, Any]] | None = None,
         user_features: Mapping[str, Any] | None = None,
+        detail: DetailBranch | None = None,
     ) -> None:
         super().__init__()
         self.catalogue = coerce_catalogue(catalogue)
@@ -129,6 +132,9 @@ class UnifiedModel(nn.Module):
         queries.build(self.catalogue, self.query_counts, dim, **extra)
         decoder.build(encoder.embed_dim, encoder.grid_size)
         interpreter.build(self.task_types, dim)
+        self.detail = detail
+        if detail is not None:
+            detail.build(dim, encoder.img_size, self.catalogue.names)
         self.pixel_tasks = {t for t, tt in self.task_types.items() if tt.needs_pixel_features}
         self.pixel_decoder = (
             PixelDecoder(encoder.embed_dim, dim, encoder.grid_size) if self.pixel_tasks else None
@@ -166,7 +172,14 @@ class UnifiedModel(nn.Module):
             pixel_hidden = self.pixel_decoder.forward_hidden(tokens)  # [B, H/4, W/4, C], C << D
         slices = self.task_slices(tasks)
         q = self.queries(tasks, b, batch)  # [B, Q, D]
-        feats = self.decoder(q, tokens, slices)  # [B, Q, D]
+        extra = None
+        if self.detail is not None and self.detail.reads(tasks):
+            fine = self.detail(images)  # [B, L_d, D]
+            mask = detail_mask(
+                slices, self.detail.tasks, q.shape[1], tokens.shape[1], fine.shape[1], images.device
+            )
+            extra = (fine, self.detail.pos, mask)
+        feats = self.decoder(q, tokens, slices, extra)  # [B, Q, D]
         task_feats = {t: feats[:, s] for t, s in slices.items()}
         ctx = HeadContext(
             pixel_feats=None,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from idrecog.data.resolution import DocTypeHeadResolver, Resolution, TaskResolve
 from idrecog.errors import ConfigError
 from idrecog.recognition.rules import RuleSet, load_rules
 from idrecog.tasks.catalogue import TaskCatalogue
+from idrecog.utils.checkpoint import file_sha256
 
 
 @dataclass
@@ -126,12 +129,35 @@ class Recognizer:
         self.user_encoder = UserFeatureEncoder.from_state(state) if state else None
         self.frame_tasks = any(s.uses_frames for s in self.catalogue)
         self.user_tasks = any(s.uses_user for s in self.catalogue)
+        #: ``sha256:HEX`` of the checkpoint file (set by :meth:`from_checkpoint`); else the weights are hashed
+        self.checkpoint_sha256: str | None = None
+        self._provenance: dict[str, str] | None = None
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | Path, map_location: str = "cpu", **kwargs: Any) -> Recognizer:
         from idrecog.lit.unified import load_unified
 
-        return cls(load_unified(ckpt_path, map_location=map_location), **kwargs)
+        rec = cls(load_unified(ckpt_path, map_location=map_location), **kwargs)
+        rec.checkpoint_sha256 = "sha256:" + file_sha256(ckpt_path)
+        return rec
+
+    def provenance(self) -> dict[str, str]:
+        """What made a decision, as content hashes: ``model`` (the checkpoint file's SHA-256, or
+        ``weights-sha256:`` of the state dict for a model built in memory), ``catalogue`` and ``rules`` (SHA-256
+        of their canonical JSON, so comments and layout of the files do not change them)."""
+        if self._provenance is None:
+            model = self.checkpoint_sha256 or "weights-sha256:" + state_dict_sha256(self.module.state_dict())
+            rules = (
+                "none"
+                if self.rules is None
+                else "sha256:" + _json_sha256([{**asdict(r), "line": 0} for r in self.rules.rules])
+            )
+            self._provenance = {
+                "model": model,
+                "catalogue": "sha256:" + _json_sha256(self.catalogue.to_dict()),
+                "rules": rules,
+            }
+        return dict(self._provenance)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -139,6 +165,7 @@ class Recognizer:
             "doc_type_task": getattr(self.task_resolver, "doc_type_task", None),
             "rules": self.rules.source if self.rules is not None else None,
             "task_resolver": self.task_resolver.describe(),
+            "provenance": self.provenance(),
         }
 
     # ------------------------------------------------------------------ inputs
@@ -217,6 +244,21 @@ class Recognizer:
             names = None if images is None else images[i : i + self.batch_size]
             out += self.recognize_batch(chunk, names)
         return out
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of every tensor, in key order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _json_sha256(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _to_tv_image(image: Image.Image, size: tuple[int, int] | None = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,83 @@ def _paste_portrait(img: Image.Image, face: Face, box: Box, *, soft: bool) -> No
         img.paste(por, (x0, y0))
 
 
+def _swap_portrait(
+    rng: np.random.Generator, img: Image.Image, t: Template, doc_width: int, info: dict[str, Any]
+) -> None:
+    """A portrait substitution as fraud makes it: another person's photo, printed on another printer (its own
+    colour grading), cut and pasted a little off the window with a hard edge and a re-print halo around it. The
+    ghost image keeps the holder's face, so it no longer matches. The cue sizes scale with the document."""
+    x0, y0, x1, y1 = t.portrait
+    pw = x1 - x0
+    shift = rng.uniform(-0.05, 0.05, 2) * pw
+    sbox = (x0 + shift[0], y0 + shift[1], x1 + shift[0], y1 + shift[1])
+    other = sample_face(rng)
+    photo = draw_face(other, (round(sbox[2] - sbox[0]), round(sbox[3] - sbox[1])))
+    # another print process: a colour cast, a contrast and a gamma of its own
+    cast = rng.uniform(-28, 28, 3)
+    contrast = rng.uniform(1.15, 1.45) if rng.random() < 0.5 else rng.uniform(0.65, 0.85)
+    arr = np.asarray(photo, np.float32)
+    arr = (arr - 128) * contrast + 128 + cast
+    photo = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    # the re-print halo: a band of paper around the pasted photo (light) or of glue shadow (dark)
+    halo = max(2, round(pw * rng.uniform(0.05, 0.09)))
+    tone = (245, 245, 238) if rng.random() < 0.5 else (70, 64, 58)
+    hx0, hy0, hx1, hy1 = (round(v) for v in sbox)
+    ImageDraw.Draw(img).rectangle([hx0 - halo, hy0 - halo, hx1 + halo, hy1 + halo], fill=tone)
+    img.paste(photo, (hx0, hy0))
+    info["halo_px"] = halo
+    info["cue_box"] = (hx0 - halo, hy0 - halo, hx1 + halo, hy1 + halo)
+
+
+def _edit_text(
+    rng: np.random.Generator,
+    img: Image.Image,
+    t: Template,
+    old: Box,
+    at: tuple[float, float],
+    new_val: str,
+    info: dict[str, Any],
+) -> Box:
+    """A text edit as fraud makes it: the printed value erased with a flat patch (the security background under
+    it is gone), the new value set in another face, size, weight, ink and baseline, and the patch locally
+    resampled and recompressed (an edited region carries another resolution and JPEG history than the print)."""
+    st = t.style
+    x, y0 = at
+    pad = max(2, round(t.value_size * 0.35))
+    ex0, ey0 = round(old[0]) - pad, round(old[1]) - pad
+    # the patch may run past the old value (a longer one was printed), never off the card
+    ex1 = min(round(old[0] + (old[2] - old[0]) * rng.uniform(1.05, 1.35)) + pad, round(t.size[0] * 0.97))
+    ey1 = round(old[3]) + pad
+    bg = np.asarray(img.crop((ex0, ey0, ex1, ey1)), np.float32).reshape(-1, 3)
+    flat = np.median(bg, 0) + rng.choice([-1, 1]) * rng.uniform(14, 30) + rng.normal(0, 6, 3)
+    d = ImageDraw.Draw(img)
+    d.rectangle([ex0, ey0, ex1, ey1], fill=tuple(int(v) for v in np.clip(flat, 0, 255)))
+    face = str(rng.choice([f for f in _EDIT_FACES if f != st.face]))
+    size = round(t.value_size * rng.choice([rng.uniform(0.75, 0.88), rng.uniform(1.12, 1.3)]))
+    dy = float(rng.choice([-1, 1]) * rng.uniform(0.15, 0.35) * t.value_size)
+    ink = np.array(st.text, np.float32) + rng.choice([-1, 1]) * rng.uniform(45, 90, 3)
+    ef = fonts.get_font(face, size)
+    d.text((x, y0 + dy), new_val, font=ef, fill=tuple(int(v) for v in np.clip(ink, 0, 255)))
+    nb = d.textbbox((x, y0 + dy), new_val, font=ef)
+    # local resampling and recompression of the edited region only
+    region = img.crop((ex0, ey0, ex1, ey1))
+    f = float(rng.uniform(2.0, 3.0))
+    small = region.resize(
+        (max(1, round(region.width / f)), max(1, round(region.height / f))), Image.Resampling.BILINEAR
+    )
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=int(rng.integers(20, 45)))
+    with Image.open(buf) as im:
+        img.paste(im.convert("RGB").resize(region.size, Image.Resampling.BILINEAR), (ex0, ey0))
+    info["cue_box"] = (ex0, ey0, ex1, ey1)
+    return (
+        min(nb[0], old[0], ex0),
+        min(nb[1], old[1], ey0),
+        max(nb[2], old[2], ex1),
+        max(nb[3], old[3], ey1),
+    )
+
+
 def render_document(rng: np.random.Generator, doc_type: str, doc_width: int) -> Document:
     """Draw a document of ``doc_type`` at ``doc_width`` pixels; forgery and hologram appearance drawn from ``rng``."""
     t = get_template(doc_type, doc_width)
@@ -146,41 +224,16 @@ def render_document(rng: np.random.Generator, doc_type: str, doc_width: int) -> 
     info: dict[str, Any] = {"values": values}
 
     if tampering == "portrait_swap":
-        other = sample_face(rng)
-        x0, y0, x1, y1 = t.portrait
-        shift = rng.uniform(-0.04, 0.04, 2) * (x1 - x0)
-        sbox = (x0 + shift[0], y0 + shift[1], x1 + shift[0], y1 + shift[1])
-        strength = float(rng.uniform(0.35, 1.0))
-        _paste_portrait(img, other, sbox, soft=False)
-        # blending seam: a hard edge with a light or dark halo, stronger or weaker
-        seam = (255, 255, 255) if rng.random() < 0.5 else (30, 30, 30)
-        width = max(1, round(strength * 4 * doc_width / 480))
-        ov = Image.new("RGBA", img.size, (0, 0, 0, 0))
-        ImageDraw.Draw(ov).rectangle(
-            [round(v) for v in sbox], outline=(*seam, int(255 * strength)), width=width
-        )
-        img.paste(ov, (0, 0), ov)
-        info["seam_strength"] = strength
+        _swap_portrait(rng, img, t, doc_width, info)
     elif tampering == "text_edit" and edited is not None:
-        x, y0 = t.values[edited]
-        old = boxes[edited]
-        # erase with a flat patch, re-render with a mismatched face, size and baseline
-        bg = np.asarray(img.crop(tuple(round(v) for v in old)), np.float32).reshape(-1, 3)
-        patch = tuple(int(v) for v in np.clip(np.median(bg, 0) + rng.normal(0, 12, 3), 0, 255))
-        d.rectangle([old[0] - 2, old[1] - 2, old[2] + 2, old[3] + 2], fill=patch)
-        face = str(rng.choice([f for f in _EDIT_FACES if f != st.face]))
-        size = round(t.value_size * rng.choice([rng.uniform(0.75, 0.88), rng.uniform(1.12, 1.3)]))
-        dy = float(rng.choice([-1, 1]) * rng.uniform(0.15, 0.35) * t.value_size)
         new_val = values[edited]
         if edited == "birth_date":
             new_val = f"{day:02d}.{m:02d}.{y + int(rng.integers(-15, -3))}"
         elif edited == "name":
             new_val = f"{_word(rng, 2).upper()}, {person.given}"
-        colour = tuple(int(v) for v in np.clip(np.array(st.text) + rng.normal(0, 40, 3), 0, 255))
-        ef = fonts.get_font(face, size)
-        d.text((x, y0 + dy), new_val, font=ef, fill=colour)
-        nb = d.textbbox((x, y0 + dy), new_val, font=ef)
-        boxes[edited] = (min(nb[0], old[0]), min(nb[1], old[1]), max(nb[2], old[2]), max(nb[3], old[3]))
+        elif edited == "number":
+            new_val = number[:-3] + "".join(str(v) for v in rng.integers(0, 10, 3))
+        boxes[edited] = _edit_text(rng, img, t, boxes[edited], t.values[edited], new_val, info)
         info["edited_field"] = edited
 
     if t.mrz is not None:

@@ -25,10 +25,14 @@ from idrecog.synth.scene import (
     background,
     box_in_image,
     degrade,
+    frame_capture,
     hand_mask,
+    jitter_placement,
     polygon_area,
+    project,
     sample_capture,
     sample_placement,
+    screen_replay,
     warp,
 )
 from idrecog.synth.templates import STYLES
@@ -42,6 +46,14 @@ N_ANGLES = 2
 REFERENCE_YEAR = 2025
 #: a sample counts as "none" visible under this fraction of the document area inside the frame and unoccluded
 NONE_BELOW = 0.2
+#: how far a hand-held flash or angle frame's document corners move from the main capture's (of its extent)
+HANDHELD_JITTER = 0.04
+#: share of capture sessions that are presentation attacks (half screen replays, half injections)
+ATTACK_P = 0.3
+#: what the generator draws; written to ``synth.json`` so a dataset from another version is recognised
+BENCHMARK_VERSION = 2
+FRAMES_MODES = ("handheld", "registered")
+SETTINGS_FILE = "synth.json"
 
 
 @dataclass
@@ -113,7 +125,7 @@ def _composite(
 
 
 def _render(
-    seed: int, split: str, index: int, height: int, width: int
+    seed: int, split: str, index: int, height: int, width: int, frames_mode: str = "handheld"
 ) -> tuple[Rendered, list[np.random.Generator]]:
     rng, frame_rng, *rest = _streams(seed, split, index)
     size = (width, height)
@@ -126,18 +138,18 @@ def _render(
     holo_class = None
     if doc.hologram is not None:
         holo_class = "genuine" if rng.random() < 0.5 else "counterfeit"
+    attack = _presentation_attack(rng)
 
     scene = _composite(doc, {}, place.h, bg, size)
     mask = np.asarray(warp(doc.template.classes, place.h, size, Image.Resampling.NEAREST)).copy()
     doc_area_px = int((mask > 0).sum())
-    hand = None
-    if place.occluder:
-        hm = np.asarray(hand_mask(rng, place.corners, size), np.float32)[..., None] / 255.0
-        skin = np.array([rng.uniform(150, 240), rng.uniform(100, 190), rng.uniform(70, 150)], np.float32)
-        shade = 0.8 + 0.2 * np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
-        hand = (hm, skin * shade)
+    # the hand that holds the document: one shape, drawn again wherever the document moves
+    hand_seed = int(rng.integers(2**31)) if place.occluder else None
+    skin = np.array([rng.uniform(150, 240), rng.uniform(100, 190), rng.uniform(70, 150)], np.float32)
+    hand = _hand(hand_seed, skin, place.corners, size)
+    if hand is not None:
         scene = _with_hand(scene, hand)
-        mask[hm[..., 0] > 0.5] = 0
+        mask[hand[0][..., 0] > 0.5] = 0
     occluded = doc_area_px - int((mask > 0).sum())
 
     # visibility is measured on the geometry actually drawn
@@ -152,7 +164,9 @@ def _render(
     else:
         visibility = "partial"
 
-    cap = sample_capture(rng, place.corners)
+    cap = sample_capture(rng, place.corners, width)
+    if attack == "screen_replay":
+        scene = screen_replay(scene, rng, cap.px_scale)
     jpeg = degrade(scene, cap, rng)
 
     fields = []
@@ -179,28 +193,19 @@ def _render(
     band = next(b for lo, hi, b in AGE_BANDS if lo <= max(age, 18) <= hi)
     user = {
         "attributes": {"nationality": nationality, "age_band": band},
-        "behaviour": {
-            "attempts": int(1 + rng.geometric(0.6) - 1),
-            "seconds": round(float(rng.lognormal(3.0, 0.6)), 2),
-            "device": str(rng.choice(DEVICES)),
-        },
+        "behaviour": _behaviour(rng, attack),
     }
 
     determinable = visibility != "none"
-    tampering: str | None = doc.tampering if determinable else None
-    # a forgery whose region is out of the frame cannot be seen
-    if doc.tampering == "portrait_swap" and "portrait" not in kept:
-        tampering = None
-    if doc.tampering == "text_edit" and doc.info.get("edited_field") not in kept:
-        tampering = None
     paths = _paths(split, sid)
     labels: dict[str, Any] = {
         "doc_type": doc_type if determinable else None,
-        "tampering": tampering,
+        "tampering": doc.tampering if determinable and _cue_seen(doc, place.h, size, hand) else None,
         "visibility": visibility,
         "image_quality": round(cap.quality(), 4),
         "card_mask": paths["mask"],
         "fields": fields,
+        "presentation_attack": "attack" if attack else "bona_fide",
     }
     if doc.hologram is not None:
         hidden = "hologram" not in kept
@@ -214,8 +219,23 @@ def _render(
     labels = {k: v for k, v in labels.items() if k in applies}
 
     frames: dict[str, Any] = {}
+    frame_boxes: list[list[float] | None] = []  # the hologram's image box in each frame (flash, angles...)
     if doc.hologram is not None:
         genuine = holo_class == "genuine"
+
+        def frame(holo: dict[str, float], flash: float = 0.0) -> bytes:
+            # hand-held: every frame has its own pose, exposure, focus, noise and compression
+            if frames_mode == "registered":
+                h, corners, fcap = place.h, place.corners, cap
+            else:
+                h, corners = jitter_placement(frame_rng, doc.template.size, place.corners, HANDHELD_JITTER)
+                fcap = frame_capture(frame_rng, cap)
+            frame_boxes.append(box_in_image(h, doc.boxes["hologram"], size))
+            img = _with_hand(_composite(doc, holo, h, bg, size), _hand(hand_seed, skin, corners, size))
+            if attack == "screen_replay":
+                img = screen_replay(img, frame_rng, cap.px_scale)
+            return degrade(img, fcap, frame_rng, flash=flash)
+
         angles = []
         for k in range(N_ANGLES):
             if genuine:  # diffractive foil: hue and brightness change with the tilt
@@ -223,10 +243,10 @@ def _render(
                 holo = {"dhue": sign * float(rng.uniform(0.15, 0.35)), "dval": float(rng.uniform(-0.3, 0.1))}
             else:  # printed copy: static up to re-photographing noise
                 holo = {"dhue": float(rng.normal(0, 0.005)), "dval": float(rng.normal(0, 0.01))}
-            angles.append(degrade(_with_hand(_composite(doc, holo, place.h, bg, size), hand), cap, frame_rng))
+            angles.append(frame(holo))
         flare = {"flare": float(rng.uniform(0.6, 1.0))} if genuine else {}
-        fl = _with_hand(_composite(doc, flare, place.h, bg, size), hand)
-        frames = {"flash": degrade(fl, cap, frame_rng, flash=1.0), "angles": angles}
+        frames = {"flash": frame(flare, flash=1.0), "angles": angles}
+        frame_boxes = frame_boxes[-1:] + frame_boxes[:-1]  # flash first, as in ``frames``
 
     mask_img = Image.fromarray(mask.astype(np.uint8), "L")
     extra = {
@@ -234,10 +254,90 @@ def _render(
         "visible_fraction": frac,
         "hologram_box_doc": doc.boxes.get("hologram"),
         "tampering_drawn": doc.tampering,
+        "attack_drawn": attack,
+        "cue_box_image": _cue_box(doc, place.h, size),
+        "cue_detail_px": _cue_detail_px(doc, place.h, size),
+        "frame_hologram_boxes": frame_boxes,
         "mrz": doc.info.get("mrz"),
         "paths": paths,
     }
     return Rendered(sid, doc_type, jpeg, mask_img, frames, labels, user, extra), rest
+
+
+def _presentation_attack(rng: np.random.Generator) -> str | None:
+    """None for a bona fide session, else the attack: a screen replay (seen in the image, played with patience)
+    or an injection (a clean image pushed through an emulator: seen in the behaviour)."""
+    if rng.random() >= ATTACK_P:
+        return None
+    return "screen_replay" if rng.random() < 0.5 else "injection"
+
+
+def _behaviour(rng: np.random.Generator, attack: str | None) -> dict[str, Any]:
+    """Attempts, seconds on the capture step, device and how often it changed within the session. Injections
+    are fast, retried and hop devices; a replay and a bona fide session behave alike; a few bona fide users
+    are fast or retry too."""
+    if attack == "injection":
+        return {
+            "attempts": int(1 + rng.poisson(3.0)),
+            "seconds": round(float(rng.lognormal(0.9, 0.5)), 2),
+            "device": str(rng.choice(DEVICES, p=(0.25, 0.15, 0.6))),
+            "device_changes": int(rng.random() < 0.75) + int(rng.poisson(0.6)),
+        }
+    hurried = rng.random() < 0.05
+    return {
+        "attempts": int(rng.geometric(0.6)) + (int(rng.integers(1, 4)) if hurried else 0),
+        "seconds": round(float(rng.lognormal(1.2 if hurried else 3.0, 0.6)), 2),
+        "device": str(rng.choice(DEVICES)),
+        "device_changes": int(rng.random() < (0.3 if hurried else 0.04)),
+    }
+
+
+def _hand(
+    seed: int | None, skin: np.ndarray, corners: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The occluding hand at ``corners`` (alpha [H, W, 1], colour [H, W, 3]); None without one. The same
+    ``seed`` draws the same hand relative to the document."""
+    if seed is None:
+        return None
+    hm = np.asarray(hand_mask(np.random.default_rng(seed), corners, size), np.float32)[..., None] / 255.0
+    shade = 0.8 + 0.2 * np.linspace(0, 1, size[0], dtype=np.float32)[None, :, None]
+    return hm, skin * shade
+
+
+def _cue_detail_px(doc: Document, h: np.ndarray, size: tuple[int, int]) -> float | None:
+    """How large the forgery's finest cue is in image pixels: the re-print halo's width (portrait swap) or the
+    edited text's height (text edit), by the scale of the document where the cue lies."""
+    box = doc.info.get("cue_box")
+    if box is None:
+        return None
+    pts = project(h, np.array([[box[0], box[1]], [box[2], box[1]], [box[0], box[3]]], np.float64))
+    scale = float(np.linalg.norm(pts[1] - pts[0])) / max(box[2] - box[0], 1e-6)
+    detail = doc.info.get("halo_px") if doc.tampering == "portrait_swap" else doc.template.value_size
+    return round(float(detail) * scale, 2)
+
+
+def _cue_box(doc: Document, h: np.ndarray, size: tuple[int, int]) -> list[float] | None:
+    """The image box of the forgery's cue (the pasted photo with its halo, the edited field), clipped."""
+    box = doc.info.get("cue_box")
+    return box_in_image(h, box, size, min_inside=0.0) if box is not None else None
+
+
+def _cue_seen(
+    doc: Document, h: np.ndarray, size: tuple[int, int], hand: tuple[np.ndarray, np.ndarray] | None
+) -> bool:
+    """Whether a forgery can be seen: its cue region mostly inside the frame and not under the hand (a genuine
+    document is labelled whenever it is visible)."""
+    box = doc.info.get("cue_box")
+    if doc.tampering == "genuine" or box is None:
+        return True
+    b = box_in_image(h, box, size, min_inside=0.7)
+    if b is None:
+        return False
+    if hand is not None:
+        x0, y0, x1, y1 = (int(v) for v in b)
+        if float(hand[0][y0 : y1 + 1, x0 : x1 + 1].mean()) > 0.3:
+            return False
+    return True
 
 
 def _with_hand(img: np.ndarray, hand: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
@@ -248,14 +348,19 @@ def _with_hand(img: np.ndarray, hand: tuple[np.ndarray, np.ndarray] | None) -> n
     return img * (1 - alpha) + colour * alpha
 
 
-def render_sample(seed: int, split: str, index: int, height: int = 160, width: int = 256) -> dict[str, Any]:
+def render_sample(
+    seed: int, split: str, index: int, height: int = 160, width: int = 256, frames: str = "handheld"
+) -> dict[str, Any]:
     """Render one sample in memory, exactly as ``generate_dataset`` writes it (before label blanking).
 
     Returns {"id", "image": PIL RGB [height x width] (decoded from the written JPEG), "frames": {"flash": PIL,
     "angles": [PIL, ...]} or {}, "labels": complete labels, "mask": PIL L of card_mask classes, "doc_type",
-    "user", "capture": degradation parameters, "mrz": MRZ lines or None}.
+    "user", "capture": degradation parameters, "mrz": MRZ lines or None, "attack": the presentation attack
+    drawn or None, "tampering_drawn", "cue_box": the forgery cue's image box or None, "cue_detail_px": its finest
+    detail in image pixels (halo width, edited text height) or None, "frame_hologram_boxes": the
+    hologram's image box in each frame, flash first (None where out of it)}.
     """
-    r, _ = _render(seed, split, index, height, width)
+    r, _ = _render(seed, split, index, height, width, frames)
 
     def dec(b: bytes) -> Image.Image:
         with Image.open(io.BytesIO(b)) as im:
@@ -274,6 +379,11 @@ def render_sample(seed: int, split: str, index: int, height: int = 160, width: i
         "user": r.user,
         "capture": r.extra["capture"],
         "mrz": r.extra["mrz"],
+        "attack": r.extra["attack_drawn"],
+        "tampering_drawn": r.extra["tampering_drawn"],
+        "cue_box": r.extra["cue_box_image"],
+        "cue_detail_px": r.extra["cue_detail_px"],
+        "frame_hologram_boxes": r.extra["frame_hologram_boxes"],
     }
 
 
@@ -283,12 +393,12 @@ def doc_type_of(seed: int, split: str, index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ dataset
-def _write_chunk(args: tuple[str, int, str, int, int, int, int, float, float]) -> list[str]:
+def _write_chunk(args: tuple[str, int, str, int, int, int, int, float, float, str]) -> list[str]:
     """Render samples [start, stop) of a split into ``root``; return their manifest lines (JSON)."""
-    root, seed, split, start, stop, height, width, missing, drop = args
+    root, seed, split, start, stop, height, width, missing, drop, frames_mode = args
     out = []
     for index in range(start, stop):
-        r, (label_rng, opt_rng) = _render(seed, split, index, height, width)
+        r, (label_rng, opt_rng) = _render(seed, split, index, height, width, frames_mode)
         p = r.extra["paths"]
         base = Path(root)
         (base / p["image"]).write_bytes(r.jpeg)
@@ -308,6 +418,9 @@ def _write_chunk(args: tuple[str, int, str, int, int, int, int, float, float]) -
                 (base / path).write_bytes(b)
             line["assoc"] = {"flash": p["flash"], "angles": p["angles"]}
         line["user"] = r.user
+        cue = r.extra["cue_box_image"]
+        if cue is not None and r.labels.get("tampering") not in (None, "genuine"):
+            line["evidence"] = {"tampering": cue}
         out.append(json.dumps(line, separators=(",", ":")))
     return out
 
@@ -321,6 +434,7 @@ def _check_args(
     workers: int,
     missing_fraction: float,
     drop_doc_type: float,
+    frames: str = "handheld",
 ) -> None:
     for name, v in (("train", train), ("val", val), ("test", test)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -333,6 +447,8 @@ def _check_args(
     for name, v in (("missing-fraction", missing_fraction), ("drop-doc-type", drop_doc_type)):
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0:
             raise ConfigError(f"--{name} must be a fraction in [0, 1], got {v!r}")
+    if frames not in FRAMES_MODES:
+        raise ConfigError(f"--frames must be one of {FRAMES_MODES}, got {frames!r}")
 
 
 def generate_dataset(
@@ -348,14 +464,19 @@ def generate_dataset(
     overwrite: bool = False,
     missing_fraction: float = 0.10,
     drop_doc_type: float = 0.0,
+    frames: str = "handheld",
     progress: bool = True,
 ) -> Path:
-    """Write the benchmark to ``out`` (tasks.yaml, {train,val,test}.jsonl, images/, masks/, frames/).
+    """Write the benchmark to ``out`` (tasks.yaml, {train,val,test}.jsonl, images/, masks/, frames/, synth.json).
+
+    ``frames``: ``handheld`` (every flash and angle frame with its own pose, exposure, focus and noise, as a phone
+    in a hand takes them) or ``registered`` (the frames reuse the main capture's geometry and degradations, pixel
+    aligned: a control that shows what a pixel difference alone finds).
 
     Everything is written to a temporary folder beside ``out`` and renamed into place at the end; a non-empty
     ``out`` needs ``overwrite=True``. Returns ``out``.
     """
-    _check_args(train, val, test, height, width, workers, missing_fraction, drop_doc_type)
+    _check_args(train, val, test, height, width, workers, missing_fraction, drop_doc_type, frames)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
@@ -370,6 +491,10 @@ def generate_dataset(
         from idrecog.tasks.catalogue import default_catalogue
 
         default_catalogue().to_yaml(tmp / "tasks.yaml")
+        settings = {"benchmark_version": BENCHMARK_VERSION, "seed": seed, "height": height, "width": width}
+        settings |= {"train": train, "val": val, "test": test, "frames": frames}
+        settings |= {"missing_fraction": missing_fraction, "drop_doc_type": drop_doc_type}
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
         counts = {"train": train, "val": val, "test": test}
         for split in counts:
             for sub in ("images", "masks", "frames"):
@@ -386,6 +511,7 @@ def generate_dataset(
                 width,
                 float(missing_fraction),
                 float(drop_doc_type),
+                frames,
             )
             for split, n in counts.items()
             for s in range(0, n, chunk)

@@ -170,6 +170,9 @@ class Capture:
     motion_angle: float
     noise: float  # Gaussian noise std (0..255 scale), 0..20
     jpeg: int  # JPEG quality 25..95
+    #: blur lengths, radii and pattern periods are given for a 256-pixel-wide image and scaled by this, so a
+    #: higher resolution shows the same scene rather than a sharper one
+    px_scale: float = 1.0
 
     def severities(self) -> dict[str, float]:
         return {
@@ -193,7 +196,8 @@ class Capture:
 QUALITY_WEIGHTS = {"defocus": 0.6, "motion": 0.6, "noise": 0.45, "dark": 0.55, "glare": 0.35, "jpeg": 0.35}
 
 
-def sample_capture(rng: np.random.Generator, corners: np.ndarray) -> Capture:
+def sample_capture(rng: np.random.Generator, corners: np.ndarray, width: int = 256) -> Capture:
+    """The degradations of one capture; ``width`` of the image sets the pixel scale (256 = 1)."""
     # one latent "how bad is this capture" spreads image_quality over the range
     bad = rng.beta(1.2, 1.4)
 
@@ -212,7 +216,60 @@ def sample_capture(rng: np.random.Generator, corners: np.ndarray) -> Capture:
         motion_angle=float(rng.uniform(0, np.pi)),
         noise=20 * sev(),
         jpeg=int(95 - 70 * sev()),
+        px_scale=width / 256,
     )
+
+
+def frame_capture(rng: np.random.Generator, main: Capture) -> Capture:
+    """Another frame of the same hand-held capture session: its own exposure, focus, shake, noise and
+    compression (the phone re-meters and refocuses for every frame); no glare of its own."""
+    motion = int(rng.integers(0, 4))
+    return Capture(
+        light=float(np.clip(main.light * rng.uniform(0.8, 1.2), 0.35, 1.2)),
+        glare=0.0,
+        glare_at=main.glare_at,
+        glare_r=main.glare_r,
+        defocus=float(rng.uniform(0.0, 1.2)),
+        motion=motion + 1 if motion > 1 else 0,
+        motion_angle=float(rng.uniform(0, np.pi)),
+        noise=float(rng.uniform(2, 8)),
+        jpeg=int(rng.integers(60, 93)),
+        px_scale=main.px_scale,
+    )
+
+
+def jitter_placement(
+    rng: np.random.Generator, doc_size: tuple[int, int], corners: np.ndarray, amount: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A hand-held re-capture of the same placement: the document moved, turned and tilted a little (each corner
+    by up to ``amount`` of the document's extent, plus a shift and a turn of the whole). Returns (homography
+    document -> image, corners)."""
+    dw, dh = doc_size
+    ext = corners.max(0) - corners.min(0)
+    c = corners.mean(0)
+    a = np.deg2rad(rng.uniform(-3, 3))
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    moved = (corners - c) @ rot.T + c + rng.uniform(-amount, amount, 2) * ext
+    moved = moved + rng.uniform(-amount, amount, (4, 2)) * ext
+    src = np.array([[0, 0], [dw, 0], [dw, dh], [0, dh]], np.float64)
+    return homography(src, moved), moved
+
+
+def screen_replay(img: np.ndarray, rng: np.random.Generator, px_scale: float = 1.0) -> np.ndarray:
+    """The capture of a document shown on a screen (a presentation attack): the display's pixel grid beats with
+    the camera's (a moiré of two slightly turned gratings), the screen's colour cast and its lifted blacks.
+    img: [H, W, 3] float 0..255 -> the same."""
+    H, W = img.shape[:2]
+    y, x = np.mgrid[0:H, 0:W].astype(np.float32)
+    moire = np.zeros((H, W), np.float32)
+    # a fine grating and the coarser beat it makes with the sensor (the beat survives defocus)
+    for lo, hi in ((3.0, 5.0), (8.0, 14.0)):
+        period = float(rng.uniform(lo, hi)) * px_scale
+        a = float(rng.uniform(-0.35, 0.35)) + float(rng.choice([0.0, np.pi / 2]))
+        moire += np.cos(2 * np.pi * (x * np.cos(a) + y * np.sin(a)) / period)
+    cast = np.array([rng.uniform(-10, 0), rng.uniform(-4, 6), rng.uniform(8, 24)], np.float32)
+    out = img * np.float32(rng.uniform(0.78, 0.9)) + np.float32(rng.uniform(18, 34)) + cast
+    return out + moire[..., None] * np.float32(rng.uniform(7, 13))
 
 
 def _motion_blur(img: np.ndarray, length: int, angle: float) -> np.ndarray:
@@ -235,17 +292,19 @@ def degrade(img: np.ndarray, cap: Capture, rng: np.random.Generator, *, flash: f
         y, x = np.ogrid[0:H, 0:W]
         g = np.exp(-((x - W / 2) ** 2 + (y - H / 2) ** 2) / (2 * (0.35 * W) ** 2)).astype(np.float32)
         out = out * np.float32(1 + 0.35 * flash) + np.float32(60 * flash) * g[..., None]
+    k = cap.px_scale
     if cap.glare > 0:
         y, x = np.ogrid[0:H, 0:W]
-        g = np.exp(-((x - cap.glare_at[0]) ** 2 + (y - cap.glare_at[1]) ** 2) / (2 * cap.glare_r**2))
+        r = cap.glare_r * k
+        g = np.exp(-((x - cap.glare_at[0]) ** 2 + (y - cap.glare_at[1]) ** 2) / (2 * r**2))
         out = out + (255 * cap.glare * g[..., None]).astype(np.float32)
     if cap.defocus > 0.3:
         pil = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).filter(
-            ImageFilter.GaussianBlur(cap.defocus)
+            ImageFilter.GaussianBlur(cap.defocus * k)
         )
         out = np.asarray(pil, np.float32)
     if cap.motion > 1:
-        out = _motion_blur(out, cap.motion, cap.motion_angle)
+        out = _motion_blur(out, max(2, round(cap.motion * k)), cap.motion_angle)
     if cap.noise > 0:
         out = out + rng.standard_normal(out.shape, dtype=np.float32) * np.float32(cap.noise)
     pil = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))

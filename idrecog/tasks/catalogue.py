@@ -9,6 +9,7 @@ Format (``DIR/tasks.yaml``), documented in ``docs/data-format.md``::
         query_text: Has the document been tampered with?
         frames: single                  # single | multi
         uses: []                        # subset of [flash, angles, user]
+        requires: []                    # subset of uses the task cannot be answered without
       - name: image_quality
         type: regression
         range: [0.0, 1.0]
@@ -30,7 +31,7 @@ from idrecog.errors import ConfigError, DataFormatError
 
 FRAME_KINDS = ("single", "multi")
 USES = ("flash", "angles", "user")
-_TASK_KEYS = {"name", "type", "classes", "range", "query_text", "frames", "uses", "options"}
+_TASK_KEYS = {"name", "type", "classes", "range", "query_text", "frames", "uses", "requires", "options"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class TaskSpec:
     frames: str = "single"
     uses: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: the inputs of ``uses`` without which the task cannot be answered (its label depends on them, not on the
+    #: main image): a model whose queries read none of them is not scored on the task
+    requires: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -71,6 +75,8 @@ class TaskSpec:
         d["query_text"] = self.query_text
         d["frames"] = self.frames
         d["uses"] = list(self.uses)
+        if self.requires:
+            d["requires"] = list(self.requires)
         if self.options:
             d["options"] = dict(self.options)
         return d
@@ -251,6 +257,13 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
         uses = t.get("uses", []) or []
         if not isinstance(uses, list) or any(u not in USES for u in uses):
             raise _err(source, f"{fld}.uses", f"must be a list drawn from {USES}, got {uses!r}")
+        requires = t.get("requires", []) or []
+        if not isinstance(requires, list) or any(r not in uses for r in requires):
+            raise _err(
+                source,
+                f"{fld}.requires",
+                f"must be a list drawn from the task's uses {uses!r}, got {requires!r}",
+            )
         query_text = t.get("query_text", "")
         if not isinstance(query_text, str):
             raise _err(source, f"{fld}.query_text", "must be a string")
@@ -280,6 +293,7 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
             frames=frames,
             uses=tuple(uses),
             options=dict(options),
+            requires=tuple(requires),
         )
         try:
             type_cls.validate_spec(spec)

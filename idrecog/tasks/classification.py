@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from idrecog.errors import ConfigError
 from idrecog.tasks.base import CLASS, NUMBER, HeadContext, TaskType
 from idrecog.tasks.catalogue import TaskSpec
 from idrecog.tasks.drawing import Canvas
+from idrecog.tasks.metrics import APCER, BPCER
 from idrecog.tasks.registry import register_task_type
 
 
@@ -47,7 +48,8 @@ class Classification(TaskType):
     label_format = "a class name from the task's `classes`"
     target_format = "LongTensor [B] of class indices, -1 where absent"
     output_format = "logits [B, C]"
-    primary_metric = "accuracy"
+    # macro-F1: a majority-class answer scores 1/C of it, not the majority's share as accuracy would
+    primary_metric = "f1_macro"
 
     def __init__(self, spec: TaskSpec, **options: Any) -> None:
         super().__init__(spec, **options)
@@ -65,6 +67,19 @@ class Classification(TaskType):
                     f"one per class of {list(spec.classes or ())}, got {w!r}"
                 )
             self.class_weights = torch.tensor([float(v) for v in w])
+        bona_fide = options.get("bona_fide")
+        if bona_fide is not None and bona_fide not in (spec.classes or ()):
+            raise ConfigError(
+                f"task {spec.name!r}: options.bona_fide must be one of its classes {list(spec.classes or ())}, "
+                f"got {bona_fide!r}"
+            )
+        #: index of the bona fide (genuine) class: the task is an attack detector (APCER, BPCER, attack ROC-AUC)
+        self.bona_fide: int | None = None if bona_fide is None else spec.class_index(bona_fide)
+        self.operating_threshold = float(options.get("operating_threshold", 0.5))
+        if not 0.0 < self.operating_threshold < 1.0:
+            raise ConfigError(
+                f"task {spec.name!r}: options.operating_threshold must be in (0, 1), got {self.operating_threshold!r}"
+            )
 
     @classmethod
     def validate_spec(cls, spec: TaskSpec) -> None:
@@ -99,20 +114,32 @@ class Classification(TaskType):
 
     def build_metrics(self) -> MetricCollection:
         c = self.spec.num_classes
-        return MetricCollection(
-            {
-                "accuracy": MulticlassAccuracy(num_classes=c, average="micro"),
-                "f1_macro": MulticlassF1Score(num_classes=c, average="macro"),
-                "auroc": MulticlassAUROC(num_classes=c),
-            }
-        )
+        metrics: dict[str, Any] = {
+            "accuracy": MulticlassAccuracy(num_classes=c, average="micro"),
+            "f1_macro": MulticlassF1Score(num_classes=c, average="macro"),
+            "auroc": MulticlassAUROC(num_classes=c),
+        }
+        if self.bona_fide is not None:
+            # ISO/IEC 30107-3 at the operating threshold on the attack score 1 - P(bona fide)
+            metrics["apcer"] = APCER(threshold=self.operating_threshold)
+            metrics["bpcer"] = BPCER(threshold=self.operating_threshold)
+            metrics["attack_auroc"] = BinaryAUROC()
+        return MetricCollection(metrics, compute_groups=False)
 
     def update_metrics(
         self, metrics: MetricCollection, outputs: dict[str, Tensor], targets: Tensor, present: Tensor
     ) -> None:
         idx = self.present_index(present)
-        if idx.numel():
-            metrics.update(outputs["logits"][idx].detach().float().softmax(-1), targets.to(idx.device)[idx])
+        if not idx.numel():
+            return
+        probs = outputs["logits"][idx].detach().float().softmax(-1)
+        y = targets.to(idx.device)[idx]
+        for name in ("accuracy", "f1_macro", "auroc"):
+            metrics[name].update(probs, y)
+        if self.bona_fide is not None:
+            attack_score, is_attack = 1.0 - probs[:, self.bona_fide], (y != self.bona_fide).long()
+            for name in ("apcer", "bpcer", "attack_auroc"):
+                metrics[name].update(attack_score, is_attack)
 
     def postprocess(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         probs = outputs["logits"].detach().float().softmax(-1).cpu()

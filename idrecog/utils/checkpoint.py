@@ -9,9 +9,11 @@ reader sees the old file or the new one, never a part.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +144,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{path}: refused to load: the file needs arbitrary code to unpickle (weights_only=True): "
                 + str(e).splitlines()[0]
             ) from None
+
+
+def plain(value: Any) -> Any:
+    """Mappings to dicts and sequences to lists, recursively: hyper-parameters as builtins, since
+    ``weights_only=True`` refuses the classes jsonargparse and Lightning wrap them in (Namespace, AttributeDict)."""
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+# content hashes by (path, modification time, size): a checkpoint is hashed once per process
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file (memoised per path, modification time and size)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]

@@ -38,14 +38,14 @@ from idrecog.data.resolution.base import (
 from idrecog.errors import ConfigError
 from idrecog.models.task_classifier import TaskClassifier
 from idrecog.tasks.catalogue import TaskCatalogue
+from idrecog.utils.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 _ARG = "data.resolver_args"
 
-# per process: checkpoint content hashes by (path, mtime, size), loaded classifiers by (hash, device)
-_HASHES: dict[tuple[str, int, int], str] = {}
+# per process: loaded classifiers by (checkpoint hash, device)
 _MODELS: dict[tuple[str, str], tuple[TaskClassifier, TaskCatalogue]] = {}
 
 
@@ -59,20 +59,6 @@ def default_cache_dir() -> Path:
     """``$IDRECOG_CACHE/task_resolver`` (default ``~/.cache/idrecog/task_resolver``)."""
     base = os.environ.get("IDRECOG_CACHE") or Path.home() / ".cache" / "idrecog"
     return Path(base) / "task_resolver"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file (memoised per path, modification time and size)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_mtime_ns, st.st_size)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 def manifest_sha256(samples: list[Sample]) -> str:
