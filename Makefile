@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
@@ -16,8 +15,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	# torch first, pinned to the release this machine's pip serves from local disk (CUDA build, also runs on CPU)
-	$(BIN)/pip install "torch==2.14.1" "torchvision==0.29.1"
+	# versions come from pyproject.toml's ranges (torch and torchvision included)
 	$(BIN)/pip install -e ".[dev,text,serve,export]"
 	touch $(STAMP)
 

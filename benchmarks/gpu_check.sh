@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One short GPU check (< 5 min on one H100): MAE ViT-B/16 and unified ViT-B/16 training steps, eager and compiled.
-# Missing pure-Python packages can be carried as wheels in .whl/ (see docs/benchmarks.md).
+# Run from a checkout set up with `make install` (benchmarks/gpu_env.sh puts its .venv first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The default job (lightning_configs/unified.yaml, its 3 epochs) with and without a config overlay, several seeds
-# side by side on one lent GPU, then `idrecog test` of each best checkpoint:
+# side by side on one GPU, then `idrecog test` of each best checkpoint:
 #
 #   bash benchmarks/gpu_config_seeds.sh [OUT_DIR]     # on a GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_config_seeds.sh       # the same on a CPU with tiny settings, before GPU time
 #
 # OVERLAYS (default "none encoders/hybrid.yaml": the plain config and the hybrid-ViT overlay) x SEEDS (default
-# "0 1 2"). Data: the default synthetic benchmark, generated there (DejaVu fonts from .gpufonts/ when the system
-# has none). OUT_DIR/summary.md: one row per run (test metrics); OUT_DIR/results.tgz: the logs.
+# "0 1 2"). Data: the default synthetic benchmark, generated there (the system's DejaVu fonts, else matplotlib's
+# bundled copy). OUT_DIR/summary.md: one row per run (test metrics); OUT_DIR/results.tgz: the logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-runs/gpu_cs_out}}

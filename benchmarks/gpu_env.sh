@@ -1,12 +1,11 @@
 # Sourced by the GPU scripts (gpu_check.sh, gpu_session.sh, gpu_task_resolution.sh, gpu_config_seeds.sh) from the
-# repository root: packages the lent GPU machine lacks travel as wheels in .whl/ (installed to /tmp/site), the
-# repository goes on PYTHONPATH, DejaVu fonts (for `idrecog synth`) come from .gpufonts/ when the system has none.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+# repository root of a checkout set up with `make install`: its .venv goes first on PATH (python3 and idrecog are
+# the project's), the repository on PYTHONPATH. Synthetic documents use the system's DejaVu fonts, else the copy
+# bundled with matplotlib (idrecog.synth.fonts), which renders other glyph pixels.
+if [ -x .venv/bin/python3 ]; then
+  export PATH=$PWD/.venv/bin:$PATH
+else
+  echo "benchmarks/gpu_env.sh: no .venv here; run \`make install\` first (or install idrecog into this python3)" >&2
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-if [ -d .gpufonts ] && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
-  mkdir -p /usr/share/fonts/truetype/dejavu && cp .gpufonts/*.ttf /usr/share/fonts/truetype/dejavu/
-fi
 export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false

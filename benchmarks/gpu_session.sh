@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      # on a GPU machine, from the repository root
 #
-# Phase 0 (CPU, in the background): generate the default synthetic benchmark (data/synthetic, same bytes as the
-#   CPU machine's: same seed, DejaVu fonts from .gpufonts/ when the system has none).
+# Phase 0 (CPU, in the background): generate the default synthetic benchmark (data/synthetic, seed 0; the same
+#   bytes as on any machine with the system's DejaVu fonts, other glyph pixels with matplotlib's bundled copy).
 # Phase A (GPU alone, timings): benchmarks/gpu_check.py (MFU of MAE and unified ViT-B/16 compiled, with a kernel
 #   profile, the GPU-busy share and the FLOPs by module). CUDA_GRAPHS=1 adds MAE compiled with CUDA graphs
 #   (reduce-overhead); MAE_SPEED=1 adds benchmarks/mae_speed.py (visible-only vs all-patches encoder).

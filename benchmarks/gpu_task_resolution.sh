@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Task resolution (issue 6) at several seeds side by side on one lent GPU, longer than gpu_session.sh's 280 steps:
+# Task resolution (issue 6) at several seeds side by side on one GPU, longer than gpu_session.sh's 280 steps:
 #
 #   bash benchmarks/gpu_task_resolution.sh [OUT_DIR]     # on a GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_task_resolution.sh       # the same on a CPU with tiny settings, before GPU time
 #
-# Generates the default synthetic benchmark (seed 0; DejaVu fonts from .gpufonts/ when the system has none),
+# Generates the default synthetic benchmark (seed 0; the system's DejaVu fonts, else matplotlib's bundled copy),
 # then runs benchmarks/task_resolution.py for each seed in SEEDS at once, each inside BUDGET seconds with at most
 # STEPS optimiser steps per unified run (the script fits one step count for its three runs to its budget).
 # OUT_DIR/summary.md holds each seed's tables; OUT_DIR/results.tgz the results.json files and logs.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from idrecog.tasks.catalogue import default_catalogue
+from idrecog.tasks.catalogue import TaskCatalogue, default_catalogue
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,13 +114,25 @@ def make_tiny_dataset(
     height: int = TINY_SIZE[0],
     width: int = TINY_SIZE[1],
     seed: int = 0,
+    task_types: Collection[str] | None = None,
 ) -> Path:
-    """Write a small dataset folder (tasks.yaml, {train,val,test}.jsonl, images/, masks/, frames/) and return it."""
+    """Write a small dataset folder (tasks.yaml, {train,val,test}.jsonl, images/, masks/, frames/) and return it.
+
+    ``task_types``: keep only the catalogue's tasks of these types (e.g. ``{"classification"}``), in tasks.yaml,
+    its doc types and the labels.
+    """
     root = Path(root)
     for sub in ("images", "masks", "frames"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     cat = default_catalogue()
-    cat.to_yaml(root / "tasks.yaml")
+    if task_types is not None:
+        keep = [t for t in cat if t.type in task_types]
+        kept = {t.name for t in keep}
+        doc_types = {d: [n for n in ts if n in kept] for d, ts in (cat.doc_types or {}).items()}
+        written = TaskCatalogue(keep, doc_types)
+    else:
+        kept, written = set(cat.names), cat
+    written.to_yaml(root / "tasks.yaml")
     doc_types = list(cat.doc_types or {})
     rng = random.Random(seed)
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -189,6 +201,7 @@ def make_tiny_dataset(
                 line.pop("assoc", None)
             if i == n - 1 and n > 1:
                 line.pop("doc_type")
+            line["labels"] = {k: v for k, v in labels.items() if k in kept}
             lines.append(json.dumps(line))
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return root

@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import yaml
 
 from idrecog.cli import main
 from idrecog.synth.generate import generate_dataset
@@ -23,14 +24,14 @@ FRAGMENTS = {
     "queries/text.yaml": "unified.yaml",
     "queries/multimodal.yaml": "unified.yaml",
     "encoders/hybrid.yaml": "unified.yaml",
+    "training/ema.yaml": "unified.yaml",
     "antifraud/detail.yaml": "unified.yaml",
     "antifraud/hires.yaml": "unified.yaml",
 }
 
-# a tiny model for CPU tests, as command-line overrides of unified.yaml
+# a tiny model for CPU tests, as command-line overrides of unified.yaml (the encoder's img_size follows data's)
 TINY = [
     "--model.init_args.encoder.init_args.depth=1",
-    "--model.init_args.encoder.init_args.img_size=[64, 96]",
     "--model.init_args.decoder.init_args.dim=64",
     "--model.init_args.decoder.init_args.depth=1",
     "--data.img_size=[64, 96]",
@@ -74,7 +75,8 @@ def test_fit_fast_dev_run(tiny_synth: Path, tmp_path: Path) -> None:
         [
             "fit",
             "--config",
-            str(_config_in(tmp_path)),
+            str(CONFIGS / "unified.yaml"),
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
             *TINY,
             f"--data.root={tiny_synth}",
             "--trainer.fast_dev_run=true",
@@ -91,21 +93,14 @@ def _read_metrics(log_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _config_in(tmp_path: Path) -> Path:
-    """unified.yaml with every output path moved under tmp_path."""
-    text = (CONFIGS / "unified.yaml").read_text().replace("runs/unified", str(tmp_path / "run"))
-    p = tmp_path / "unified.yaml"
-    p.write_text(text)
-    return p
-
-
 @pytest.mark.slow
 def test_short_training_learns(tiny_synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         [
             "fit",
             "--config",
-            str(_config_in(tmp_path)),
+            str(CONFIGS / "unified.yaml"),
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
             *TINY,
             f"--data.root={tiny_synth}",
             "--trainer.max_epochs=10",
@@ -141,3 +136,104 @@ def test_query_design_shorthands_expand() -> None:
         "--data.root",
         "learned",  # only the value of --model.queries is a design name
     ]
+
+
+# ------------------------------------------------------------------ one run folder, any catalogue, one image size
+def _output_paths(cfg: dict) -> list[str]:
+    """Every logger ``save_dir`` and callback ``dirpath`` / ``output_dir`` of a printed config."""
+    trainer = cfg["trainer"]
+    loggers = trainer.get("logger") or []
+    parts = [*(loggers if isinstance(loggers, list) else [loggers]), *(trainer.get("callbacks") or [])]
+    out = []
+    for part in parts:
+        args = part.get("init_args") or {} if isinstance(part, dict) else {}
+        out += [str(args[k]) for k in ("save_dir", "dirpath", "output_dir") if args.get(k)]
+    return out
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["unified.yaml"],
+        ["unified_base.yaml"],
+        ["task_classifier.yaml"],
+        ["unified.yaml", "logging/wandb.yaml"],
+    ],
+)
+def test_outputs_follow_default_root_dir(
+    files: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["fit"] + [a for f in files for a in ("--config", str(CONFIGS / f))]
+    root = tmp_path / "elsewhere"
+    for extra, expected in (([], None), ([f"--trainer.default_root_dir={root}"], str(root))):
+        capsys.readouterr()
+        try:
+            code = main([*args, *extra, "--print_config"])
+        except SystemExit as e:  # LightningCLI exits after printing
+            code = e.code
+        assert code in (0, None)
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        expected = expected or cfg["trainer"]["default_root_dir"]
+        paths = _output_paths(cfg)
+        assert len(paths) >= 2, paths  # at least the logger and the checkpoints
+        assert all(p == expected or p.startswith(expected + "/") for p in paths), (expected, paths)
+
+
+def test_two_roots_write_two_run_folders(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's default root (runs/unified) would land here
+    rules = tmp_path / "lightning_configs" / "rules"
+    rules.mkdir(parents=True)  # the prediction writer's rule file is relative to the working directory
+    (rules / "default.yaml").write_text((CONFIGS / "rules" / "default.yaml").read_text())
+    common = [
+        "--config",
+        str(CONFIGS / "unified.yaml"),
+        *TINY,
+        f"--data.root={tiny_dataset}",
+        "--data.batch_size=6",
+        "--trainer.max_epochs=1",
+    ]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        assert main(["fit", *common, f"--trainer.default_root_dir={root}"]) == 0
+        assert (root / "checkpoints" / "last.ckpt").is_file() and (
+            root / "checkpoints" / "best.ckpt"
+        ).is_file()
+        assert list(root.glob("lightning_logs/version_0/metrics.csv"))
+        assert list(root.glob("lightning_logs/version_0/config.yaml"))
+    ckpt = a / "checkpoints" / "last.ckpt"
+    limit = "--trainer.limit_predict_batches=1"
+    assert main(["predict", *common, limit, f"--trainer.default_root_dir={a}", f"--ckpt_path={ckpt}"]) == 0
+    assert (a / "predictions" / "predictions.jsonl").is_file() and not (b / "predictions").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fit_default_config_on_a_classification_only_catalogue(
+    tiny_dataset_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tiny_dataset_factory("cls", n_train=8, n_val=4, n_test=4, task_types={"classification"})
+    assert "detection" not in (data / "tasks.yaml").read_text()
+    root = tmp_path / "run"
+    args = ["fit", "--config", str(CONFIGS / "unified.yaml"), *TINY, f"--data.root={data}"]
+    fit = [*args, f"--trainer.default_root_dir={root}", "--data.batch_size=4", "--trainer.max_epochs=1"]
+    assert main(fit) == 0
+    header = _read_metrics(root)[0].keys()
+    assert "val/doc_type/accuracy" in header and not [k for k in header if k.startswith("val/fields/")]
+    # an option key that is neither a registered task type nor a task of the catalogue is still an error
+    capsys.readouterr()
+    assert main([*fit, "--model.init_args.task_options={detektion: {num_queries: 4}}"]) == 2
+    err = capsys.readouterr().err
+    assert "detektion" in err and "neither task types" in err
+
+
+def test_image_size_is_written_once(tiny_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from idrecog.cli.train import build_cli
+
+    args = ["--config", str(CONFIGS / "unified.yaml"), *TINY, f"--data.root={tiny_dataset}"]
+    cli = build_cli([*args, "--data.img_size=[48, 80]"], run=False)
+    assert cli.model.model.encoder.img_size == (48, 80) == tuple(cli.datamodule.img_size)
+    # an encoder size set apart from the data's is named in one line before any work
+    other = "--model.init_args.encoder.init_args.img_size=[32, 48]"
+    assert main(["fit", *args, other, "--trainer.fast_dev_run=true"]) == 2
+    assert "data.img_size (64, 96) differs from the encoder's img_size (32, 48)" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import onnx
@@ -99,3 +100,18 @@ def test_export_cli_onnx_reports_parity(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as ei:  # the argument parser's usage error
         idrecog_main(["export", "--ckpt_path", str(ckpt), "--format", "tflite", "--out", str(out)])
     assert ei.value.code == 2
+
+
+def test_export_without_the_extra_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    for name in ("onnx", "onnxscript", "onnxruntime"):  # as if `pip install idrecog` without [export]
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "m.onnx"
+    args = ["export", "--ckpt_path", str(tmp_path / "not-read.ckpt"), "--out", str(out)]
+    assert idrecog_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'idrecog[export]'" in err[0] and "onnx" in err[0], err
+    assert not out.exists()
+    # TorchScript needs no extra
+    ckpt = save_checkpoint(make_tiny_module(seed=3), tmp_path / "m.ckpt")
+    ts = ["export", "--ckpt_path", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]
+    assert idrecog_main(ts) == 0

@@ -111,6 +111,9 @@ def test_wandb_offline_logs_config_and_images(tiny_dataset: Path, tiny_bert: str
     masks = list((files / "media/images/mask").rglob("*.png"))
     cb = next(c for c in cli.trainer.callbacks if type(c).__name__ == "WandbPredictionImages")
     assert cb.logged == 4 and len(images) == 4 and masks  # capped at the batch; mask overlays written
+    # the classification report: each task's confusion matrix picture and per-class table
+    assert list((files / "media/images/val/doc_type").glob("confusion_matrix_*.png"))
+    assert list((files / "media/table/val/doc_type").glob("per_class_*.table.json"))
     # the user vocabularies came from the DataModule at setup and are in the hparams (checkpoints rebuild)
     assert cli.model.hparams["user_features"]["attributes"]["declared_nationality"]
 

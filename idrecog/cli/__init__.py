@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         print(f"idrecog: error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    os.environ.setdefault("WANDB_MODE", "offline")
+    # no WANDB_MODE default: W&B loggers go online when credentials exist (idrecog.loggers.wandb_mode)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:

@@ -4,6 +4,9 @@
 ``trainer.fit`` itself (``--ckpt_path`` resumes). Without ``--config`` it reads the packaged default,
 ``idrecog/configs/pretrain_mae.yaml`` (write a copy to edit with ``idrecog pretrain --print_config``); every other
 LightningCLI option works as usual (``--print_config``, ``--trainer.max_steps=...``, ``--model.mask_ratio=...``).
+It shares ``fit``'s set-up (:class:`idrecog.cli.base.IdrecogLightningCLI`): outputs under
+``--trainer.default_root_dir``, atomic checkpoints, ``last.ckpt`` on SIGTERM (exit code 143), and
+``--ckpt_path`` (a file, or ``last``) read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ def _has_config(argv: Sequence[str]) -> bool:
 
 def run_pretrain(argv: Sequence[str] | None = None) -> int:
     """``idrecog pretrain [LightningCLI options]``; returns the exit code."""
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser
 
+    from idrecog.cli.base import IdrecogLightningCLI
     from idrecog.data.pretrain import PretrainDataModule
     from idrecog.lit.mae import MAEPretrainModule
 
-    class PretrainCLI(LightningCLI):
+    class PretrainCLI(IdrecogLightningCLI):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_argument(
-                "--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint"
+                "--ckpt_path",
+                type=str | None,
+                default=None,
+                help="resume from this checkpoint (a path, or `last`: the run folder's last.ckpt)",
             )
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -62,11 +69,7 @@ def run_pretrain(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --print_config, argument errors: jsonargparse already printed
         return int(e.code or 0) if isinstance(e.code, int | None) else 2
     model, dm = cli.model, cli.datamodule
-    if tuple(dm.img_size) != tuple(model.encoder.img_size):
-        raise ConfigError(
-            f"data.img_size {tuple(dm.img_size)} differs from the encoder's img_size {tuple(model.encoder.img_size)}; "
-            "set them equal"
-        )
+    cli.check_image_size()
     cli.trainer.fit(model, datamodule=dm, ckpt_path=cli.config.get("ckpt_path"))
     if cli.trainer.is_global_zero and not cli.trainer.fast_dev_run:
         cb = cli.trainer.checkpoint_callback

@@ -161,8 +161,9 @@ def export_main(argv: list[str]) -> int:
     import torch
 
     from idrecog.lit.unified import load_unified
-    from idrecog.recognition.export import export_model, onnx_parity
+    from idrecog.recognition.export import export_model, onnx_parity, require_export_extra
 
+    require_export_extra(args.format, check=args.check)  # before the (slow) checkpoint load
     module = load_unified(args.ckpt_path)
     info = export_model(module, args.out, args.format, opset=args.opset)
     if args.format == "onnx" and args.check:
@@ -174,6 +175,9 @@ def export_main(argv: list[str]) -> int:
 
 
 def serve_main(argv: list[str]) -> int:
+    from idrecog.utils.extras import require_extra
+
+    require_extra("serve", ("litserve", "fastapi", "uvicorn"), "idrecog serve")
     from idrecog.recognition.audit import AuditSettings, RetentionSettings
     from idrecog.recognition.serve import ServeLimits
 

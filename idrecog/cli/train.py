@@ -2,6 +2,8 @@
 
 The task catalogue is written once, in the data section (it lives in the dataset folder), and linked into the
 model when both are instantiated (``link_arguments(..., apply_on="instantiate")``), so a config never repeats it.
+Paths and the encoder's image size are interpolations (``${trainer.default_root_dir}``, ``${data.img_size}``):
+see :mod:`idrecog.cli.base`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import sys
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from typing_extensions import override
 
+from idrecog.cli.base import IdrecogLightningCLI
 from idrecog.data.datamodule import IdDataModule
 from idrecog.errors import ConfigError, IdrecogError
 
@@ -47,7 +50,10 @@ class IdrecogSaveConfigCallback(SaveConfigCallback):
                 logger.experiment.config.update(json.loads(config), allow_val_change=True)
 
 
-class IdrecogCLI(LightningCLI):
+class IdrecogCLI(IdrecogLightningCLI):
+    """``idrecog fit | validate | test | predict``; config, resume and checkpoint conventions come from
+    :class:`~idrecog.cli.base.IdrecogLightningCLI`."""
+
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
@@ -60,63 +66,13 @@ class IdrecogCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         name_wandb_runs(cfg)
 
-    @override
-    def _parse_ckpt_path(self) -> None:
-        """Read ``--ckpt_path``'s hyper-parameters into the model config, like LightningCLI, but safely.
-
-        The file is read with ``weights_only=True``; an unreadable or code-carrying file is one ConfigError line.
-        UnifiedModule stores plain hparams without ``_class_path``, so the config's class path is used, and the
-        catalogue (a link target, from the data) is left out: ``on_load_checkpoint`` compares it instead.
-        """
-        import pickle
-        from pathlib import Path
-
-        import torch
-
-        sub = self.config.get("subcommand")
-        path = self.config[sub].get("ckpt_path") if sub else None
-        if not path or not Path(path).is_file():
-            return
-        try:
-            ckpt = torch.load(path, weights_only=True, map_location="cpu")
-        except pickle.UnpicklingError as e:
-            line = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), str(e).splitlines()[0])
-            raise ConfigError(
-                f"{path}: refused to load: the file needs arbitrary code to unpickle (weights_only=True): {line}"
-            ) from None
-        except (RuntimeError, EOFError, OSError) as e:
-            raise ConfigError(f"{path}: not a readable checkpoint: {str(e).splitlines()[0]}") from None
-        hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
-        hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None) or self.config[sub].get("model", {}).get("class_path")
-        hparams.pop("catalogue", None)
-        if not hparams or not class_path:
-            return
-        model = {"class_path": class_path, "init_args": hparams}
-        self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
-
-    @override
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # reliability (docs/reliability.md): SIGTERM and the end of fit save last.ckpt; checkpoints are written
-        # atomically and read with weights_only=True (a user's own CheckpointIO plug-in is kept)
-        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-        from idrecog.callbacks.reliability import PreemptionCheckpoint
-        from idrecog.utils.checkpoint import AtomicCheckpointIO
-
-        trainer = super().instantiate_trainer(**kwargs)
-        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # type: ignore[attr-defined]
-            trainer.callbacks.append(PreemptionCheckpoint())  # type: ignore[attr-defined]
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
-
     def _configure_data(self) -> None:
         """Before the trainer runs: the DataModule learns what the model needs (frames, user vocabularies)
         before any dataset is built, and the data reports that apply join the trainer's callbacks."""
         from idrecog.callbacks.data_reports import MaskedLabelReport, SkipReport
 
         dm, model = self.datamodule, self.model
+        self.check_image_size()
         needs = getattr(model, "data_requirements", None)
         if callable(needs) and callable(getattr(dm, "configure", None)):
             dm.configure(**needs())

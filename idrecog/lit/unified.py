@@ -292,7 +292,10 @@ class UnifiedModule(L.LightningModule):
         known = torch.ones(b, dtype=torch.bool, device=device) if known is None else known.to(device).bool()
         return applies.to(device).bool(), known.unsqueeze(1).expand(b, len(self.task_names))
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | dict[str, Any] | None:
+        """train: the loss. val/test: ``{"loss", "outputs" (per task, as forward returns them), "present" [B, T]}``,
+        which Lightning hands to callbacks' ``on_{stage}_batch_end`` (per-sample reports without a second
+        forward pass, e.g. :class:`~idrecog.callbacks.classification_report.ClassificationReport`)."""
         if "image" not in batch:  # every sample of the batch was dropped (data.on_error: skip)
             return None
         images = batch["image"]
@@ -329,7 +332,9 @@ class UnifiedModule(L.LightningModule):
                     present[:, i],
                 )
             self._update_gate_metrics(stage, out, batch)
-        return loss
+        if stage == "train":
+            return loss
+        return {"loss": loss, "outputs": out["outputs"], "present": present}
 
     def _update_gate_metrics(self, stage: str, out: dict[str, Any], batch: dict[str, Any]) -> None:
         """Applies/does-not-apply F1 per task and the exact match of each image's task set, where it is known."""
@@ -385,13 +390,13 @@ class UnifiedModule(L.LightningModule):
         return False
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train")  # type: ignore[return-value]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        return self._shared_step(batch, "val")  # type: ignore[return-value]
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        return self._shared_step(batch, "test")  # type: ignore[return-value]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (``ConfigError`` listing the differing tasks) a checkpoint trained on another catalogue,

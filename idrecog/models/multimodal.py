@@ -24,9 +24,9 @@ removed with the attention key padding mask, never fed as zeros.
   ``film`` path and the converter runs only for tasks that read frames or user info; ``converter``, every task's
   queries come out of the converter.
 
-Why these defaults, with the measurements: docs/task-queries.md. User attributes and behaviour come in the
-encodings of :class:`idrecog.models.user.UserFeatureEncoder`; the vocabulary sizes come from its fitted state
-(``user_spec``), which ``UnifiedModule`` keeps in its ``user_features`` hyper-parameter.
+Why these defaults: docs/task-queries.md; the measurements: docs/reports/task-queries.md. User attributes and
+behaviour come in the encodings of :class:`idrecog.models.user.UserFeatureEncoder`; the vocabulary sizes come
+from its fitted state (``user_spec``), which ``UnifiedModule`` keeps in its ``user_features`` hyper-parameter.
 """
 
 from __future__ import annotations

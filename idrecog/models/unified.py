@@ -24,7 +24,7 @@ from idrecog.models.pixel_decoder import PixelDecoder
 from idrecog.models.queries import TaskQueryProvider
 from idrecog.tasks.base import HeadContext, TaskType
 from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue
-from idrecog.tasks.registry import create_task_type
+from idrecog.tasks.registry import create_task_type, is_task_type, list_task_types
 
 __all__ = ["UnifiedModel", "build_task_types", "module_config", "module_from_config"]
 
@@ -35,13 +35,16 @@ def build_task_types(
     catalogue: TaskCatalogue, task_options: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, TaskType]:
     """Instantiate each catalogue task's type. ``task_options`` is keyed by task TYPE (e.g. ``detection``)
-    and, overriding it, by task NAME; both override the catalogue entry's ``options``."""
+    and, overriding it, by task NAME; both override the catalogue entry's ``options``.
+
+    Options of a registered type the catalogue does not use are ignored, so one config (``detection:
+    {num_queries: 16}``) serves every dataset; a key that is neither a registered type nor a task is an error.
+    """
     task_options = dict(task_options or {})
-    known = set(catalogue.types()) | set(catalogue.names)
-    unknown = sorted(set(task_options) - known)
+    unknown = sorted(k for k in task_options if k not in catalogue.names and not is_task_type(k))
     if unknown:
         raise ConfigError(
-            f"task_options names {unknown}, which are neither task types ({catalogue.types()}) nor tasks "
+            f"model.task_options names {unknown}, which are neither task types ({list_task_types()}) nor tasks "
             f"({catalogue.names}) of the catalogue"
         )
     out = {}

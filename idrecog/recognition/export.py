@@ -27,6 +27,18 @@ from torch import Tensor, nn
 from idrecog.errors import ConfigError
 
 FORMATS = ("onnx", "torchscript")
+# what ONNX export (torch.onnx, onnx metadata) and the parity check (onnxruntime) import: the 'export' extra
+ONNX_MODULES = ("onnx", "onnxscript")
+PARITY_MODULES = ("onnxruntime",)
+
+
+def require_export_extra(fmt: str, check: bool = False) -> None:
+    """One ConfigError line naming ``pip install 'idrecog[export]'`` when ``fmt`` needs a package that is missing."""
+    from idrecog.utils.extras import require_extra
+
+    if fmt == "onnx":
+        modules = ONNX_MODULES + (PARITY_MODULES if check else ())
+        require_extra("export", modules, "idrecog export --format onnx")
 
 
 class ExportModule(nn.Module):
@@ -71,6 +83,7 @@ def export_model(
     """Write ``module`` (a ``UnifiedModule``) to ``out``; returns {"path", "format", "inputs", "outputs"}."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    require_export_extra(fmt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval().cpu()
@@ -132,6 +145,9 @@ def _add_onnx_metadata(path: Path, module: Any) -> None:
 
 def onnx_parity(module: Any, path: str | Path, images: Tensor) -> dict[str, float]:
     """Max absolute difference per output between PyTorch and onnxruntime on ``images`` [B, 3, H, W]."""
+    from idrecog.utils.extras import require_extra
+
+    require_extra("export", PARITY_MODULES, "the ONNX parity check")
     import onnxruntime as ort
 
     wrapper = ExportModule(module.model).eval()

@@ -34,8 +34,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message names the refused global on a line of its own ("Unsupported global: GLOBAL ...")
+        lines = str(e).splitlines()
+        line = next((ln.strip() for ln in lines if "GLOBAL" in ln), lines[0] if lines else "")
         raise ConfigError(
-            f"{path}: refused to load: the file needs arbitrary code to unpickle (weights_only=True): {str(e).splitlines()[0]}"
+            f"{path}: refused to load: the file needs arbitrary code to unpickle (weights_only=True): {line}"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ConfigError(f"{path}: not a readable checkpoint: {str(e).splitlines()[0]}") from None
