@@ -24,7 +24,7 @@ from idrecog.lit.balancing import create_balancer
 from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.detail import DetailBranch
-from idrecog.models.encoder import ViTEncoder
+from idrecog.models.encoder import ViTEncoder, architecture_config
 from idrecog.models.interpreter import Route, TaskGuidedInterpreter
 from idrecog.models.queries import LearnedQueries, TaskQueryProvider, module_key
 from idrecog.models.unified import UnifiedModel, module_config, module_from_config
@@ -139,8 +139,8 @@ class UnifiedModule(L.LightningModule):
         itp = module_from_config(interpreter, TaskGuidedInterpreter, "interpreter") or TaskGuidedInterpreter()
         det = module_from_config(detail, DetailBranch, "detail")
         enc_cfg = module_config(enc)
-        # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file
-        enc_cfg["init_args"]["init_from"] = None
+        # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file or hub
+        enc_cfg["init_args"] = architecture_config(enc_cfg["init_args"])
         # hparams are plain data (no pickled modules), whether the CLI or Python code built this module
         self.save_hyperparameters(
             {
