@@ -16,7 +16,6 @@ from idrecog.errors import ConfigError
 from idrecog.lit.mae import MAEPretrainModule
 from idrecog.lit.unified import UnifiedModule
 from idrecog.models.encoder import ViTEncoder
-from idrecog.tasks.catalogue import TaskCatalogue
 
 NAME = "vit_tiny_patch16_224"
 
@@ -43,7 +42,9 @@ def test_local_file_loads_the_blocks_and_resamples_pos_embed_to_the_document_gri
     assert torch.equal(enc.vit.cls_token, model.cls_token)
     # 14 x 14 -> 4 x 7 (non-square), the class token's embedding kept
     assert enc.grid_size == (4, 7) and enc.vit.pos_embed.shape == (1, 1 + 28, 192)
-    expected = resample_abs_pos_embed(model.pos_embed, new_size=[4, 7], old_size=[14, 14], num_prefix_tokens=1)
+    expected = resample_abs_pos_embed(
+        model.pos_embed, new_size=[4, 7], old_size=[14, 14], num_prefix_tokens=1
+    )
     assert torch.allclose(enc.vit.pos_embed, expected, atol=1e-6)
     assert "every tensor loaded" in capsys.readouterr().out
     # and the encoder runs at the document size
@@ -69,7 +70,9 @@ def test_an_exported_non_square_encoder_resamples_from_its_own_grid(tmp_path: Pa
         metadata={"img_size": "32,64", "grid_size": "2,4"},
     )
     enc = ViTEncoder(NAME, img_size=(48, 80), depth=1, pretrained_file=str(path))
-    expected = resample_abs_pos_embed(src.vit.pos_embed, new_size=[3, 5], old_size=[2, 4], num_prefix_tokens=1)
+    expected = resample_abs_pos_embed(
+        src.vit.pos_embed, new_size=[3, 5], old_size=[2, 4], num_prefix_tokens=1
+    )
     assert torch.allclose(enc.vit.pos_embed, expected, atol=1e-6)
     assert torch.equal(enc.vit.blocks[0].mlp.fc1.weight, src.vit.blocks[0].mlp.fc1.weight)
 
@@ -114,12 +117,12 @@ def test_weights_that_do_not_fit_are_a_config_error(tmp_path: Path) -> None:
 def test_checkpoints_rebuild_without_the_file_or_the_hub(public) -> None:
     _, path = public
     enc = ViTEncoder(f"{NAME}.augreg_in21k", img_size=(32, 48), depth=2, pretrained_file=str(path))
-    cat = TaskCatalogue.from_dict({"tasks": [{"name": "kind", "type": "classification", "classes": ["a", "b"]}]})
-    for stored in (
-        UnifiedModule(catalogue=cat.to_dict(), encoder=enc).hparams["encoder"]["init_args"],
-        MAEPretrainModule(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2).hparams["encoder"]["init_args"],
-    ):
-        assert stored["pretrained"] is False and stored["pretrained_file"] is None and stored["init_from"] is None
+    cat = {"tasks": [{"name": "kind", "type": "classification", "classes": ["a", "b"]}]}
+    unified = UnifiedModule(catalogue=cat, encoder=enc)
+    mae = MAEPretrainModule(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    for module in (unified, mae):
+        stored = module.hparams["encoder"]["init_args"]
+        assert (stored["pretrained"], stored["pretrained_file"], stored["init_from"]) == (False, None, None)
         assert stored["name"] == f"{NAME}.augreg_in21k"
         # rebuilding reads nothing (offline here, and the file is not named)
         assert ViTEncoder(**stored).grid_size == (2, 3)
