@@ -25,6 +25,7 @@ FRAGMENTS = {
     "encoders/hybrid.yaml": "unified.yaml",
     "antifraud/detail.yaml": "unified.yaml",
     "antifraud/hires.yaml": "unified.yaml",
+    "small_data.yaml": "unified.yaml",
 }
 
 # a tiny model for CPU tests, as command-line overrides of unified.yaml
