@@ -16,6 +16,7 @@ from benchmarks import (
     overhead,
     run_all,
     scaling,
+    small_data,
     tampering_control,
     task_resolution,
     unified_vs_separate,
@@ -157,3 +158,57 @@ def test_config_seeds_table_reads_the_test_table_and_the_step(tmp_path: Path, ca
     assert hybrid[:5] == ["hybrid_s1", "188", "0.6469", "1.0000", "0.7720"]  # the test value, not the val one
     assert hybrid[-1] == "69" and hybrid[5] == "-"  # image_quality missing from this log
     assert set(c.strip() for c in rows["default_s0"].strip("|").split("|")[1:]) == {"-"}
+
+
+def test_small_data_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    from collections import Counter
+
+    import yaml
+
+    from idrecog.tasks.classification import balanced_class_weights
+
+    out = tmp_path / "small"
+    assert small_data.main(["--smoke", "--out", str(out), "--arms", "recipe", "control"]) == 0
+    # a dataset folder of its own: one task, every split >= 80 % one class, all three classes present
+    cat = yaml.safe_load((out / "data" / "tasks.yaml").read_text())
+    assert [t["name"] for t in cat["tasks"]] == [small_data.TASK] and not cat.get("doc_types")
+    for split in ("train", "val", "test"):
+        lines = (out / "data" / f"{split}.jsonl").read_text().splitlines()
+        counts = Counter(json.loads(line)["labels"][small_data.TASK] for line in lines)
+        assert len(counts) == 3 and counts.most_common(1)[0][1] / len(lines) >= 0.8
+    res = json.loads((out / "results.json").read_text())
+    runs = {r["arm"]: r for r in res["runs"]}
+    # the recipe fine-tuned from its own MAE checkpoint, with weights settled from the train split's counts
+    recipe_cfg = yaml.safe_load((out / "configs" / "recipe.yaml").read_text())
+    init_from = recipe_cfg["model"]["init_args"]["encoder"]["init_args"]["init_from"]
+    assert init_from.endswith("last.ckpt") and Path(init_from).is_file()
+    train_counts = list(res["setup"]["splits"]["train"].values())
+    assert runs["recipe"]["class_weights"] == pytest.approx(balanced_class_weights(train_counts))
+    # the control trained until it had used the recipe's CPU seconds (pretraining included)
+    assert runs["recipe"]["cpu_s"] > runs["recipe"]["finetune_cpu_s"] > 0
+    assert runs["control"]["cpu_budget_s"] == pytest.approx(runs["recipe"]["cpu_s"])
+    assert runs["control"]["cpu_s"] >= runs["control"]["cpu_budget_s"]
+    n_test = sum(res["setup"]["splits"]["test"].values())
+    for r in runs.values():
+        assert 0.0 <= r["test"]["f1_macro"] <= 1.0 and sum(map(sum, r["test"]["confusion"])) == n_test
+    assert "verdict: the recipe" in capsys.readouterr().out
+
+
+def test_small_data_macro_f1_is_the_task_metric() -> None:
+    import numpy as np
+    import torch
+    from torchmetrics.classification import MulticlassF1Score
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (50,), generator=g)
+    pred = torch.where(torch.rand(50, generator=g) < 0.6, y, torch.randint(0, 3, (50,), generator=g))
+    pred[pred == 2] = 0  # a class never predicted
+    ours = small_data.macro_f1(small_data.confusion(y.numpy(), pred.numpy(), 3))
+    theirs = MulticlassF1Score(num_classes=3, average="macro")(pred, y)
+    assert ours == pytest.approx(float(theirs), abs=1e-6)
+    same = small_data.paired_bootstrap(y.numpy(), pred.numpy(), pred.numpy(), 20, 0)
+    assert same["low"] == same["high"] == 0.0 and same["ahead"] == 0.0
+    assert np.isfinite(
+        list(small_data.paired_bootstrap(y.numpy(), y.numpy(), pred.numpy(), 20, 0).values())
+    ).all()

@@ -27,6 +27,7 @@ FRAGMENTS = {
     "training/ema.yaml": "unified.yaml",
     "antifraud/detail.yaml": "unified.yaml",
     "antifraud/hires.yaml": "unified.yaml",
+    "small_data.yaml": "unified.yaml",
 }
 
 # a tiny model for CPU tests, as command-line overrides of unified.yaml (the encoder's img_size follows data's)

@@ -112,7 +112,7 @@ def export_encoder(
     """
     from safetensors.torch import save_file
 
-    from idrecog.models.encoder import ViTEncoder, extract_timm_state
+    from idrecog.models.encoder import ViTEncoder, architecture_config, extract_timm_state
     from idrecog.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
@@ -122,7 +122,7 @@ def export_encoder(
         raise ConfigError(
             f"{ckpt_path}: no encoder config in the checkpoint's hyper-parameters; pass --name and --img_size"
         )
-    cfg["init_from"] = None
+    cfg = architecture_config(cfg)
     cfg["img_size"] = tuple(cfg.get("img_size") or (224, 224))
     known = {
         "name",
@@ -132,6 +132,8 @@ def export_encoder(
         "num_heads",
         "drop_path_rate",
         "init_from",
+        "pretrained",
+        "pretrained_file",
         "model_kwargs",
     }
     encoder = ViTEncoder(**{k: v for k, v in cfg.items() if k in known})

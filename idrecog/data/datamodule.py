@@ -256,6 +256,16 @@ class IdDataModule(L.LightningDataModule):
             self._user_encoder = UserFeatureEncoder.fit(s.user for s in self._read_train())
         return self._user_encoder.state_dict()
 
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        """``{task: {class: samples}}`` of the classification tasks on the train split as training reads it (after
+        ``limit_train_samples``, the task resolver and the masking of labels whose frames or user information are
+        missing; see ``IdDataset.label_counts``): what ``class_weights: auto`` weighs by. Uses the train dataset
+        once it is set up (the resolver runs once), else resolves the split without keeping it."""
+        if not self._has_data():
+            raise self._missing_root_error()
+        ds = self.datasets.get("train") or self._dataset("train", train=True)
+        return ds.label_counts()
+
     @property
     def frames_loaded(self) -> bool:
         """Whether the datasets decode associated frames (``load_frames``, or what the model needs)."""

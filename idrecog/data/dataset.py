@@ -207,6 +207,28 @@ class IdDataset(Dataset):
             out[spec.name] = n
         return out
 
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        """Per task whose label is one of its classes (classification): ``{class: samples}`` over the labels the
+        model trains on, i.e. where the task applies (the resolver), the label is not null, and the frames or
+        user information the task needs are listed in the manifest (as ``__getitem__`` masks them). Read from the
+        manifest: no image is opened."""
+        out: dict[str, dict[str, int]] = {}
+        for j, (spec, tt) in enumerate(zip(self.catalogue.tasks, self.task_types, strict=True)):
+            if not tt.predicts_class:
+                continue
+            counts = dict.fromkeys(spec.classes or (), 0)
+            for s, a in zip(self.samples, self.applies[:, j].tolist(), strict=True):
+                value = s.labels.get(spec.name)
+                if not a or not isinstance(value, str) or value not in counts:
+                    continue
+                if spec.uses_frames and not frames_available(spec.uses, s.flash, s.angles):
+                    continue
+                if spec.uses_user and not s.user:
+                    continue
+                counts[value] += 1
+            out[spec.name] = counts
+        return out
+
     # ------------------------------------------------------------------ loading
     def _path(self, rel: str) -> Path:
         return self.root / rel

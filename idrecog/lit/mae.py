@@ -18,7 +18,7 @@ from torch import Tensor
 
 from idrecog.errors import ConfigError
 from idrecog.lit.optim import WarmupCosine, make_adamw, warmup_cosine_schedule
-from idrecog.models.encoder import ViTEncoder
+from idrecog.models.encoder import ViTEncoder, architecture_config
 from idrecog.models.mae import MaskedAutoencoder
 
 ENCODER_CLASS_PATH = "idrecog.models.encoder.ViTEncoder"
@@ -32,13 +32,13 @@ def scaled_lr(base_lr: float, effective_batch_size: int) -> float:
 
 def encoder_config(encoder: ViTEncoder) -> dict[str, Any]:
     """The encoder as a LightningCLI class config (``class_path`` + ``init_args``) that rebuilds its architecture,
-    so hyper-parameters hold plain values, never a pickled module. ``init_from`` is cleared: a checkpoint holds
-    the weights itself, and reloading it must not need the original weight file."""
+    so hyper-parameters hold plain values, never a pickled module. The weight sources (``init_from``,
+    ``pretrained``, ``pretrained_file``) are cleared: a checkpoint holds the weights itself, and reloading it must not
+    need the original weight file or the hub."""
     init_args = dict(
         getattr(encoder, "init_args", None) or {"name": encoder.name, "img_size": list(encoder.img_size)}
     )
-    init_args["init_from"] = None
-    return {"class_path": ENCODER_CLASS_PATH, "init_args": init_args}
+    return {"class_path": ENCODER_CLASS_PATH, "init_args": architecture_config(init_args)}
 
 
 def build_encoder(config: ViTEncoder | Mapping[str, Any] | None) -> ViTEncoder:

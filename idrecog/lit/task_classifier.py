@@ -25,7 +25,7 @@ from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from idrecog.errors import ConfigError
 from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
-from idrecog.models.encoder import ViTEncoder
+from idrecog.models.encoder import ViTEncoder, architecture_config
 from idrecog.models.queries import module_key
 from idrecog.models.task_classifier import TaskClassifier
 from idrecog.models.unified import module_config, module_from_config
@@ -103,8 +103,8 @@ class TaskClassifierModule(L.LightningModule):
         enc_cfg: dict[str, Any] | None = None
         if enc is not None:
             enc_cfg = module_config(enc)
-            # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file
-            enc_cfg["init_args"]["init_from"] = None
+            # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file or hub
+            enc_cfg["init_args"] = architecture_config(enc_cfg["init_args"])
         self.net = TaskClassifier(
             len(cat),
             backbone=backbone,

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MultilabelExactMatch
@@ -25,13 +26,13 @@ from idrecog.lit.balancing import create_balancer
 from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.detail import DetailBranch
-from idrecog.models.encoder import ViTEncoder
+from idrecog.models.encoder import ViTEncoder, architecture_config
 from idrecog.models.interpreter import OPEN_THRESHOLD, Route, TaskGuidedInterpreter
 from idrecog.models.queries import LearnedQueries, TaskQueryProvider, module_key
 from idrecog.models.unified import UnifiedModel, module_config, module_from_config
 from idrecog.tasks.base import TaskType, metrics_updated
 from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue, default_catalogue
-from idrecog.tasks.registry import get_task_type_class
+from idrecog.tasks.registry import create_task_type, get_task_type_class
 from idrecog.utils.checkpoint import plain
 
 __all__ = ["UnifiedModule", "format_metrics_table", "load_unified", "score_of"]
@@ -142,8 +143,8 @@ class UnifiedModule(L.LightningModule):
         itp = module_from_config(interpreter, TaskGuidedInterpreter, "interpreter") or TaskGuidedInterpreter()
         det = module_from_config(detail, DetailBranch, "detail")
         enc_cfg = module_config(enc)
-        # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file
-        enc_cfg["init_args"]["init_from"] = None
+        # the checkpoint holds the weights: rebuilding must not need (or re-read) the pretrained file or hub
+        enc_cfg["init_args"] = architecture_config(enc_cfg["init_args"])
         # hparams are plain data (no pickled modules), whether the CLI or Python code built this module
         self.save_hyperparameters(
             {
@@ -179,6 +180,8 @@ class UnifiedModule(L.LightningModule):
             cat, enc, qp, dec, itp, task_options, user_features=user_features, detail=det
         )
         self.task_types: dict[str, TaskType] = self.model.task_types
+        # tasks whose options wait for the training split's label counts (settled in setup)
+        self._settled_by_counts = {t for t, tt in self.task_types.items() if tt.needs_label_counts}
         self.task_names = list(cat.names)
         self.balancer = create_balancer(
             balancing, self.task_names, task_weights, **dict(balancing_options or {})
@@ -237,9 +240,14 @@ class UnifiedModule(L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """A model whose queries embed user information but was built without the user vocabularies (the CLI
-        builds it before the data may exist) takes them from the DataModule, fitted on the train split (after
-        ``prepare_data``, so the data exists), and stores them in its hparams so checkpoints rebuild."""
+        """What the model takes from the data once it exists (after ``prepare_data``), before the optimiser is
+        built, stored in its hparams so checkpoints rebuild:
+
+        * a model whose queries embed user information but was built without the user vocabularies (the CLI
+          builds it before the data may exist) takes them from the DataModule, fitted on the train split;
+        * task options that wait for the training split's label counts (``class_weights: auto``) are settled
+          from ``IdDataModule.label_counts`` (:meth:`set_label_counts`). Outside ``fit`` a missing train split is
+          not an error: a checkpoint brings the settled numbers (:meth:`on_load_checkpoint`)."""
         needs = getattr(self.model.queries, "needs_user_spec", False)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if needs and self.user_features is None and callable(getattr(dm, "user_features", None)):
@@ -247,6 +255,42 @@ class UnifiedModule(L.LightningModule):
             self.model.queries.set_user_spec(state)
             self.user_features = state
             self.hparams["user_features"] = plain(state)
+        pending = [t for t, tt in self.task_types.items() if tt.needs_label_counts]
+        if not pending:
+            return
+        if not callable(getattr(dm, "label_counts", None)):
+            if stage == "fit":
+                raise ConfigError(
+                    f"tasks {pending}: class_weights 'auto' needs the training split's label counts, which this "
+                    "datamodule does not give (no label_counts()); use IdDataModule or give the weights as numbers"
+                )
+            return
+        try:
+            counts = dm.label_counts()
+        except ConfigError:
+            if stage == "fit":
+                raise
+            return
+        self.set_label_counts(counts)
+
+    def set_label_counts(self, counts: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, Any]]:
+        """Settle the task options that wait for label counts (``class_weights: auto``) from ``counts`` =
+        ``{task: {class: samples}}`` of the training split; the settled options go into hparams ``task_options``
+        under each task's name (a name's options override its type's), so a checkpoint rebuilds with the
+        numbers. Returns ``{task: settled options}``."""
+        opts = plain(self.hparams.get("task_options") or {})
+        settled: dict[str, dict[str, Any]] = {}
+        for task, tt in self.task_types.items():
+            if not tt.needs_label_counts:
+                continue
+            task_counts = {str(k): int(v) for k, v in (counts.get(task) or {}).items()}
+            settled[task] = tt.set_label_counts(task_counts)
+            opts[task] = {**opts.get(task, {}), **settled[task]}
+            rank_zero_info(
+                f"[idrecog] task {task}: {settled[task]} from the train split's label counts {task_counts}"
+            )
+        self.hparams["task_options"] = opts
+        return settled
 
     def configure_model(self) -> None:
         if self.hparams.get("compile") and not self._compiled:
@@ -411,6 +455,20 @@ class UnifiedModule(L.LightningModule):
                 "the checkpoint was trained on another task catalogue than the data's tasks.yaml "
                 "(catalogue differs): " + "; ".join(diff)
             )
+        self._restore_settled_options(plain(hp.get("task_options") or {}))
+
+    def _restore_settled_options(self, stored: Mapping[str, Any]) -> None:
+        """Options settled from label counts when the checkpoint was trained (``class_weights: auto``) are the
+        checkpoint's numbers, not the current data's: the task types are rebuilt with them, and so are hparams."""
+        opts = plain(self.hparams.get("task_options") or {})
+        for task, tt in list(self.task_types.items()):
+            if task not in self._settled_by_counts or task not in stored:
+                continue
+            merged = {**tt.options, **dict(stored[task])}
+            # the dict is the model's own: forward, losses and metrics read the rebuilt type
+            self.task_types[task] = create_task_type(tt.spec, **merged)
+            opts[task] = {**opts.get(task, {}), **dict(stored[task])}
+        self.hparams["task_options"] = opts
 
     def predict_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0

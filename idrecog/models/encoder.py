@@ -26,12 +26,31 @@ log = logging.getLogger(__name__)
 _PREFIXES = ("model.encoder.vit.", "encoder.vit.", "backbone.vit.", "vit.", "module.", "encoder.", "model.")
 
 
+# the constructor arguments that say where the starting weights come from; a checkpoint holds the weights itself,
+# so the config it stores to rebuild the encoder clears them (see ``architecture_config``)
+WEIGHT_SOURCES: dict[str, Any] = {"init_from": None, "pretrained": False, "pretrained_file": None}
+
+
 def _check_name(name: str) -> None:
+    """``name`` is a timm architecture, optionally with a pretrained tag (``vit_base_patch16_224.mae``)."""
+    arch, _, tag = name.partition(".")
     known = timm.list_models()
-    if name not in known:
-        close = difflib.get_close_matches(name, [m for m in known if "vit" in m or "deit" in m] or known, n=5)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, [m for m in known if "vit" in m or "deit" in m] or known, n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"encoder name {name!r} is not a timm model{hint}")
+    if tag and name not in timm.list_pretrained(arch):
+        tags = [m.partition(".")[2] for m in timm.list_pretrained(arch)]
+        raise ConfigError(
+            f"encoder name {name!r}: timm has no pretrained tag {tag!r} for {arch}; its tags: {tags or 'none'}"
+        )
+
+
+def architecture_config(init_args: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``ViTEncoder`` constructor arguments with the weight sources cleared (``init_from``,
+    ``pretrained``, ``pretrained_file``): what a checkpoint stores to rebuild the encoder without re-reading the
+    file or the hub it started from."""
+    return {**init_args, **WEIGHT_SOURCES}
 
 
 class ViTEncoder(nn.Module):
@@ -41,12 +60,21 @@ class ViTEncoder(nn.Module):
         name: any timm ViT (``timm.list_models('vit_*')``), e.g. ``vit_tiny_patch16_224``, ``vit_base_patch16_224``;
             hybrids (a CNN stem before the patches) too, e.g. ``vit_tiny_r_s16_p8_224`` with
             ``model_kwargs: {patch_size: 4}`` for the same 16-pixel token stride (``patch_size`` counts the stem).
+            A pretrained tag may follow (``timm.list_pretrained('vit_*')``): ``vit_base_patch16_224.mae``,
+            ``vit_tiny_patch16_224.augreg_in21k``; it names the weights ``pretrained`` loads.
         img_size: input (H, W); non-square is fine; each must be a multiple of the patch size.
         depth / embed_dim / num_heads: optional overrides of the named architecture (for small CPU models).
         drop_path_rate: stochastic depth.
         init_from: a weight file to start from: a timm-format state dict (``.safetensors``, ``.pth``), an
             ``idrecog pretrain`` or ``idrecog fit`` checkpoint (``.ckpt``). Position embeddings are resampled
             when the patch grid differs; missing and unexpected keys are reported.
+        pretrained: start from timm's pretrained weights for ``name`` (its tag, else timm's default tag), loaded
+            by ``timm.create_model(pretrained=True)``: from the Hugging Face hub, or its local cache when offline
+            (``HF_HUB_OFFLINE=1``). The position embeddings are resampled to this encoder's grid (e.g. 14 x 14 of a
+            224 x 224 model to 10 x 16 at 160 x 256).
+        pretrained_file: a local copy of those weights (timm format: ``.safetensors``, ``.bin``, ``.pth``), read
+            through timm's ``pretrained_cfg_overlay=dict(file=...)``, no network; implies ``pretrained``. A file
+            written by ``idrecog export-encoder`` carries its input size, so its non-square grid resamples too.
         model_kwargs: further keyword arguments for ``timm.create_model``.
     """
 
@@ -59,10 +87,13 @@ class ViTEncoder(nn.Module):
         num_heads: int | None = None,
         drop_path_rate: float = 0.0,
         init_from: str | None = None,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         _check_name(name)
+        pretrained = bool(pretrained or pretrained_file)
         # the constructor arguments, so that a model holding this encoder can store and rebuild it
         self.init_args: dict[str, Any] = {
             "name": name,
@@ -72,6 +103,8 @@ class ViTEncoder(nn.Module):
             "num_heads": num_heads,
             "drop_path_rate": drop_path_rate,
             "init_from": init_from,
+            "pretrained": pretrained,
+            "pretrained_file": pretrained_file,
             "model_kwargs": model_kwargs,
         }
         kwargs: dict[str, Any] = dict(model_kwargs or {})
@@ -80,16 +113,33 @@ class ViTEncoder(nn.Module):
                 kwargs[k] = v
         self.name = name
         self.img_size = (int(img_size[0]), int(img_size[1]))
+        if pretrained:
+            kwargs.update(_pretrained_kwargs(pretrained_file, architecture_changed=bool(kwargs)))
         try:
-            self.vit = timm.create_model(
-                name,
-                pretrained=False,
-                img_size=self.img_size,
-                num_classes=0,
-                global_pool="",
-                drop_path_rate=drop_path_rate,
-                **kwargs,
-            )
+            with _TimmLoadMessages() as messages:
+                self.vit = timm.create_model(
+                    name,
+                    pretrained=pretrained,
+                    img_size=self.img_size,
+                    num_classes=0,
+                    global_pool="",
+                    drop_path_rate=drop_path_rate,
+                    **kwargs,
+                )
+        except (OSError, ConnectionError) as e:  # the hub (huggingface_hub, torch.hub), or an unreadable file
+            if pretrained_file:
+                raise ConfigError(f"encoder.pretrained_file {pretrained_file}: cannot read it: {e}") from None
+            raise ConfigError(
+                f"encoder.pretrained: cannot get the weights of {name!r} from the Hugging Face hub or its cache "
+                f"({type(e).__name__}; offline?); give a local copy with encoder.pretrained_file"
+            ) from None
+        except RuntimeError as e:  # no weights for the name, or weights that do not fit the architecture
+            if not pretrained:
+                raise
+            where = f"encoder.pretrained_file {pretrained_file}" if pretrained_file else "encoder.pretrained"
+            raise ConfigError(
+                f"{where}: timm could not load the weights into {name!r}: {_first_line(e)}"
+            ) from None
         except AssertionError as e:  # timm asserts sizes (e.g. a hybrid's feature map vs its patch size)
             raise ConfigError(
                 f"encoder {name!r} cannot be built at img_size {list(self.img_size)}: each side must be a "
@@ -102,6 +152,12 @@ class ViTEncoder(nn.Module):
         if self.img_size[0] % p or self.img_size[1] % p:
             raise ConfigError(
                 f"img_size {self.img_size} must be a multiple of the patch size {p} in both H and W"
+            )
+        if pretrained:
+            source = pretrained_file or f"the hub ({self.vit.pretrained_cfg.get('hf_hub_id') or 'timm url'})"
+            print(
+                f"[idrecog] encoder {name}: pretrained weights from {source}"
+                + (f"; timm: {' '.join(messages)}" if messages else ", every tensor loaded")
             )
         if init_from:
             self.load_pretrained(init_from)
@@ -266,6 +322,64 @@ class ViTEncoder(nn.Module):
         return resample_abs_pos_embed(
             pos, new_size=list(self.grid_size), old_size=list(old_grid), num_prefix_tokens=npt
         )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _pretrained_kwargs(pretrained_file: str | None, architecture_changed: bool) -> dict[str, Any]:
+    """``timm.create_model`` arguments for ``pretrained=True``: the local file (and its input size, so timm
+    resamples the position embeddings from the right grid), and a non-strict load when depth or width are
+    overridden (a 4-block encoder takes the first 4 blocks of a 12-block checkpoint)."""
+    out: dict[str, Any] = {}
+    if architecture_changed:
+        out["pretrained_strict"] = False
+    if pretrained_file is None:
+        return out
+    path = Path(pretrained_file)
+    if not path.is_file():
+        raise ConfigError(f"encoder.pretrained_file: {path} does not exist")
+    if path.suffix == ".ckpt":
+        raise ConfigError(
+            f"encoder.pretrained_file {path}: a Lightning checkpoint, not timm weights; give it as encoder.init_from "
+            "(or write timm weights with `idrecog export-encoder`)"
+        )
+    overlay: dict[str, Any] = {"file": str(path)}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        if meta.get("img_size"):  # written by `idrecog export-encoder`: timm reads the source grid from this
+            h, w = (int(v) for v in str(meta["img_size"]).split(","))
+            overlay["input_size"] = (3, h, w)
+    out["pretrained_cfg_overlay"] = overlay
+    return out
+
+
+class _TimmLoadMessages(logging.Handler):
+    """Collects what timm logs while it loads pretrained weights (missing and unexpected keys), to report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("timm.models")
+        self._level = self._logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "keys" in msg:
+            self.messages.append(msg.split(" This ")[0])
+
+    def __enter__(self) -> list[str]:
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.INFO)
+        return self.messages
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
 
 
 def extract_timm_state(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -179,6 +179,18 @@ class TaskType(ABC):
     def build_head(self, dim: int) -> nn.Module:
         """The task's output unit: ``forward(task_feats [B, Q, dim], ctx: HeadContext) -> dict[str, Tensor]``."""
 
+    @property
+    def needs_label_counts(self) -> bool:
+        """True while an option waits for the training split's label counts (classification's
+        ``class_weights: auto``): the model settles it before training with :meth:`set_label_counts`."""
+        return False
+
+    def set_label_counts(self, counts: Mapping[str, int]) -> dict[str, Any]:
+        """Settle the options that depend on the training split's labels, ``counts`` = ``{class: samples}``.
+        Returns the settled options (plain numbers), which the model stores so that a checkpoint rebuilds
+        with them rather than with the request (e.g. ``auto``)."""
+        raise NotImplementedError(f"{type(self).__qualname__} takes no label counts")
+
     @abstractmethod
     def loss(self, outputs: dict[str, Tensor], targets: Any, present: Tensor) -> Tensor:
         """Scalar loss, mean over present samples; exactly 0 (attached to the graph) if none is present."""

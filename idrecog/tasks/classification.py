@@ -1,14 +1,16 @@
 """Classification: one query token, logits over the task's classes.
 
-Options: ``label_smoothing`` (float, default 0) for the cross-entropy; ``class_weights`` (one positive number per
-class, in the order of ``classes``), the cross-entropy's per-class weights, for imbalanced tasks scored by macro
-F1 (e.g. ``[1, 3, 3]`` for classes drawn 60 / 20 / 20 %).
+Options: ``label_smoothing`` (float, default 0) for the cross-entropy; ``class_weights``, the cross-entropy's
+per-class weights, for imbalanced tasks scored by macro F1: one positive number per class, in the order of
+``classes`` (e.g. ``[1, 3, 3]`` for classes drawn 60 / 20 / 20 %), or ``auto``: the "balanced" weights of the
+training split's label counts (:func:`balanced_class_weights`), settled before training.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,17 @@ from idrecog.tasks.catalogue import TaskSpec
 from idrecog.tasks.drawing import Canvas
 from idrecog.tasks.metrics import APCER, BPCER
 from idrecog.tasks.registry import register_task_type
+
+
+def balanced_class_weights(counts: Sequence[int]) -> list[float]:
+    """Inverse-frequency class weights, scikit-learn's "balanced": ``w_c = n / (C * n_c)``, n the labelled samples,
+    C the classes, n_c those of class c. Balanced classes all get 1; the weights' mean over the labelled samples
+    is 1, so the loss keeps its scale. A class with no sample counts as one (the rarest possible); no labels at
+    all give all 1."""
+    n, c = sum(int(k) for k in counts), len(counts)
+    if n == 0:
+        return [1.0] * c
+    return [round(n / (c * max(int(k), 1)), 6) for k in counts]
 
 
 class ClassificationHead(nn.Module):
@@ -55,7 +68,8 @@ class Classification(TaskType):
         super().__init__(spec, **options)
         self.class_weights: Tensor | None = None
         w = options.get("class_weights")
-        if w is not None:
+        self._auto_weights = w == "auto"
+        if w is not None and not self._auto_weights:
             ok = isinstance(w, list | tuple) and len(w) == spec.num_classes
             ok = ok and all(
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
@@ -63,8 +77,8 @@ class Classification(TaskType):
             )
             if not ok:
                 raise ConfigError(
-                    f"task {spec.name!r}: options.class_weights must be {spec.num_classes} positive numbers, "
-                    f"one per class of {list(spec.classes or ())}, got {w!r}"
+                    f"task {spec.name!r}: options.class_weights must be 'auto' or {spec.num_classes} positive "
+                    f"numbers, one per class of {list(spec.classes or ())}, got {w!r}"
                 )
             self.class_weights = torch.tensor([float(v) for v in w])
         bona_fide = options.get("bona_fide")
@@ -100,7 +114,29 @@ class Classification(TaskType):
     def build_head(self, dim: int) -> nn.Module:
         return ClassificationHead(dim, self.spec.num_classes)
 
+    @property
+    def needs_label_counts(self) -> bool:
+        return self._auto_weights and self.class_weights is None
+
+    def set_label_counts(self, counts: Mapping[str, int]) -> dict[str, Any]:
+        """``class_weights: auto`` from the training split's ``{class: samples}``: :func:`balanced_class_weights`."""
+        classes = list(self.spec.classes or ())
+        n = [int(counts.get(c, 0)) for c in classes]
+        if not sum(n):
+            warnings.warn(
+                f"task {self.name!r}: class_weights auto: no labelled training sample, all weights 1",
+                stacklevel=2,
+            )
+        weights = balanced_class_weights(n)
+        self.class_weights = torch.tensor(weights)
+        return {"class_weights": weights}
+
     def loss(self, outputs: dict[str, Tensor], targets: Tensor, present: Tensor) -> Tensor:
+        if self.needs_label_counts:
+            raise ConfigError(
+                f"task {self.name!r}: options.class_weights is 'auto' but the training split's label counts were "
+                "never given (UnifiedModule.setup takes them from IdDataModule.label_counts before training)"
+            )
         idx = self.present_index(present)
         if idx.numel() == 0:
             return self.zero_loss(outputs)
