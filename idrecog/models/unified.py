@@ -157,7 +157,9 @@ class UnifiedModel(nn.Module):
         route: Route = "known",
     ) -> dict[str, Any]:
         """images: [B, 3, H, W] -> {"outputs": {task: head outputs}, "gate_logits": {task: [B, n_types]},
-        "routed": {task: bool [B]}, "task_feats": {task: [B, Q_t, D]}} for ``tasks`` (default: all)."""
+        "routed": {task: bool [B]}, "task_feats": {task: [B, Q_t, D]}, "tokens": [B, L, E]} for ``tasks``
+        (default: all). ``tokens``: the encoder's output, the representation every task shares (gradient
+        balancers read the task gradients there)."""
         tasks = list(self.catalogue.names if tasks is None else tasks)
         for t in tasks:
             if t not in self.query_counts:
@@ -185,4 +187,10 @@ class UnifiedModel(nn.Module):
             pixel_decoder=self.pixel_decoder if pixel_hidden is not None else None,
         )
         outputs, gate_logits, routed = self.interpreter(task_feats, ctx, route)
-        return {"outputs": outputs, "gate_logits": gate_logits, "routed": routed, "task_feats": task_feats}
+        return {
+            "outputs": outputs,
+            "gate_logits": gate_logits,
+            "routed": routed,
+            "task_feats": task_feats,
+            "tokens": tokens,
+        }
