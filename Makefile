@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch first, pinned to the release this machine's pip serves from local disk (CUDA build, also runs on CPU)
 	$(BIN)/pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -e ".[dev,text,serve,export]"
+	$(BIN)/pip install -e ".[dev,text,serve,export,stream]"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install idrecog with every extra
