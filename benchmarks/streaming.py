@@ -1,7 +1,7 @@
 """Streaming: items/s of the packed LitData format (``data.format: litdata``) against the folder format, through
 the same ``IdDataModule`` train loader (decode, transforms, collation), and the time ``idrecog data pack`` takes.
 
-    python -m benchmarks.streaming [--train 512] [--workers 0 1] [--repeats 3] [--root data/bench_stream]
+    python -m benchmarks.streaming [--train 512] [--workers 0 1] [--repeats 3] [--root data/bench_stream] [--smoke]
 
 The dataset is the synthetic benchmark at the default size (160 x 256), generated into ``ROOT/folder`` on first
 use and packed into ``ROOT/packed`` (timed). Each row iterates one epoch of ``train_dataloader()`` (shuffled, the
@@ -57,9 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/bench_streaming"))
+    p.add_argument("--smoke", action="store_true", help="a tiny setting that only checks the script works")
     args = p.parse_args(argv)
+    size = (160, 256)
+    if args.smoke:
+        vars(args).update({"train": 8, "repeats": 1, "workers": [0], "threads": 1})
+        size = (64, 96)
     torch.set_num_threads(args.threads)
-    folder = ensure_dataset(args.root / "folder", args.train, 32, (160, 256))
+    folder = ensure_dataset(args.root / "folder", args.train, 4 if args.smoke else 32, size, workers=1)
     packed = args.root / "packed"
     from idrecog.data.stream import pack_dataset
 
@@ -67,11 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     pack_dataset(folder, str(packed), splits=("train", "val"))
     pack_s = time.perf_counter() - t0
-    size = {
+    sizes = {
         "folder_mb": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20,
         "packed_mb": sum(f.stat().st_size for f in (packed / "train").rglob("*") if f.is_file()) / 2**20,
     }
-    print(f"[bench] packed {args.train} samples in {pack_s:.1f} s ({size})", flush=True)
+    print(f"[bench] packed {args.train} samples in {pack_s:.1f} s ({sizes})", flush=True)
     rates: dict[str, list[float]] = {}
     for r in range(args.repeats):
         for w in args.workers:
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                 rates.setdefault(f"{fmt} w{w}", []).append(rate)
                 print(f"[bench] {fmt} workers={w} repeat {r}: {rate:.1f} items/s", flush=True)
     lines = [
-        f"{args.train} train samples at 160x256, batch 32, one epoch per row, median of {args.repeats}; "
+        f"{args.train} train samples at {size[0]}x{size[1]}, batch 32, one epoch per row, median of {args.repeats}; "
         f"pack: {pack_s:.1f} s",
         "",
         "| format | workers | items/s (median) | runs | vs folder |",
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {fmt} | {w} | {med:.1f} | {runs} | {med / base:.2f}x |")
     md = "\n".join(lines)
     print(md)
-    write_results(args.out, {"pack_s": pack_s, **size, "rates": rates, "args": vars(args)}, md)
+    write_results(args.out, {"pack_s": pack_s, **sizes, "rates": rates, "args": vars(args)}, md)
 
 
 if __name__ == "__main__":

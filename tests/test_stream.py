@@ -122,6 +122,14 @@ def test_shuffled_stream_covers_the_split_once_and_depends_on_the_seed(
     assert any(order(s) != a for s in (1, 2, 3))
 
 
+def test_streaming_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import streaming
+
+    streaming.main(["--smoke", "--root", str(tmp_path / "bench"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "| litdata | 0 |" in out and "| folder | 0 |" in out and "vs folder" in out
+
+
 def test_format_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.format"):
         IdDataModule(root=str(tmp_path), format="tfrecord")
