@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# versions come from pyproject.toml's ranges (torch and torchvision included)
-	$(BIN)/pip install -e ".[dev,text,serve,export]"
+	$(BIN)/pip install -e ".[dev,text,serve,export,stream]"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install idrecog with every extra

@@ -101,9 +101,9 @@ def _record_loads(monkeypatch) -> list[str]:
     opened: list[str] = []
     orig = IdDataset._load_image
 
-    def spy(self, rel, sample, field):
+    def spy(self, rel, *args):
         opened.append(rel)
-        return orig(self, rel, sample, field)
+        return orig(self, rel, *args)
 
     monkeypatch.setattr(IdDataset, "_load_image", spy)
     return opened

@@ -1,5 +1,5 @@
-"""``idrecog data check DIR``, ``idrecog data show DIR --out grid.png`` and ``idrecog data cues DIR --out cues.png``
-(jsonargparse)."""
+"""``idrecog data check DIR``, ``idrecog data show DIR --out grid.png``, ``idrecog data cues DIR --out cues.png`` and
+``idrecog data pack DIR --out PACKED`` (jsonargparse)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,22 @@ def build_parser() -> ArgumentParser:
         "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
     )
     sub.add_subcommand("cues", cues, help="draw genuine vs forged crops and capture frames into a PNG")
+
+    pack = ArgumentParser(
+        description="Write LitData shards of a dataset folder (images, frames, label files and manifests) to a "
+        "folder or an s3:// URL, for data.format: litdata (docs/data-format.md, 'Packed datasets')."
+    )
+    pack.add_argument("dir", type=str, help="the dataset folder (tasks.yaml, {train,val,test}.jsonl)")
+    pack.add_argument("--out", type=str, required=True, help="a folder or s3://bucket/prefix")
+    pack.add_argument("--splits", type=list[str], default=list(SPLITS), help="manifests to pack")
+    pack.add_argument("--chunk_bytes", type=str, default="64MB", help="shard size")
+    pack.add_argument(
+        "--workers", type=int, default=1, help="packing processes (1 keeps the manifest order in the shards)"
+    )
+    pack.add_argument(
+        "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
+    )
+    sub.add_subcommand("pack", pack, help="write LitData shards for streaming (data.format: litdata)")
     return parser
 
 
@@ -75,6 +91,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_check(
             c.dir, splits=c.splits, allow_external_paths=c.allow_external_paths, mask_samples=c.mask_samples
         )
+    if cfg.subcommand == "pack":
+        from idrecog.data.stream import pack_dataset
+
+        p = cfg.pack
+        summary = pack_dataset(
+            p.dir,
+            p.out,
+            splits=p.splits,
+            chunk_bytes=p.chunk_bytes,
+            num_workers=p.workers,
+            allow_external_paths=p.allow_external_paths,
+        )
+        counts = ", ".join(f"{k}: {v['samples']}" for k, v in summary["splits"].items())
+        print(f"packed {counts} samples to {p.out}")
+        return 0
     if cfg.subcommand == "cues":
         from idrecog.data.show import show_cues
 

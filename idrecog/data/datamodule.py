@@ -23,6 +23,8 @@ from idrecog.tasks.catalogue import TaskCatalogue, default_catalogue, load_catal
 
 log = logging.getLogger(__name__)
 
+FORMATS = ("folder", "litdata")
+
 
 class IdDataModule(L.LightningDataModule):
     """A dataset folder (``root/tasks.yaml`` + ``root/{train,val,test}.jsonl``), see docs/data-format.md.
@@ -57,6 +59,10 @@ class IdDataModule(L.LightningDataModule):
             (the training CLI passes whether its query provider reads frames to :meth:`configure`; only
             ``multimodal`` does); frames are loaded when nothing says otherwise.
         predict_split: the split ``predict_dataloader`` reads.
+        format: ``folder`` (images and manifests in ``root``) or ``litdata``: ``root`` is a packed dataset
+            (``idrecog data pack``), a folder or an ``s3://`` URL, streamed with LitData (docs/data-format.md,
+            "Packed datasets"); items go through the same task resolution, transforms and collation.
+        stream_cache_dir: ``litdata``: the local cache of downloaded shards (None: LitData's default).
     """
 
     def __init__(
@@ -83,9 +89,25 @@ class IdDataModule(L.LightningDataModule):
         cache_images: bool = False,
         load_frames: bool | None = None,
         predict_split: str = "test",
+        format: str = "folder",
+        stream_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if format not in FORMATS:
+            raise ConfigError(f"data.format must be one of {FORMATS}, got {format!r}")
+        if format == "folder" and "://" in root:
+            raise ConfigError(
+                f"data.root: {root!r} is a URL; set data.format: litdata to stream a packed dataset"
+            )
+        if format == "litdata" and synthesize_if_missing:
+            raise ConfigError(
+                "data.synthesize_if_missing: generate a folder, pack it (`idrecog data pack`) and set it false "
+                "for data.format: litdata"
+            )
+        self.format = format
+        self.location = root  # the root as given (a URL stays a URL)
+        self.stream_cache_dir = stream_cache_dir
         self.root = Path(root)
         self.synthesize_if_missing = synthesize_if_missing
         self.synth = dict(synth or {})
@@ -137,9 +159,24 @@ class IdDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ catalogue and preparation
     def _has_data(self) -> bool:
+        if self.format == "litdata":
+            if self._catalogue is not None:
+                return True
+            from idrecog.data.stream import read_packed_catalogue
+
+            try:
+                self._catalogue = read_packed_catalogue(self.location)
+            except FileNotFoundError:
+                return False
+            return True
         return (self.root / "tasks.yaml").is_file()
 
     def _missing_root_error(self) -> ConfigError:
+        if self.format == "litdata":
+            return ConfigError(
+                f"data.root: {self.location!r} holds no packed dataset (no tasks.yaml); write one with "
+                "`idrecog data pack DATASET_FOLDER --out ROOT`"
+            )
         what = "does not exist" if not self.root.exists() else "has no tasks.yaml"
         return ConfigError(
             f"data.root: dataset folder {str(self.root)!r} {what}; generate it with `idrecog synth --out {self.root}` "
@@ -151,7 +188,8 @@ class IdDataModule(L.LightningDataModule):
         """``root/tasks.yaml``; before the data exists and with ``synthesize_if_missing``, the default catalogue."""
         if self._catalogue is None:
             if self._has_data():
-                self._catalogue = load_catalogue(self.root / "tasks.yaml")
+                if self._catalogue is None:  # litdata: _has_data read it
+                    self._catalogue = load_catalogue(self.root / "tasks.yaml")
             elif self.synthesize_if_missing:
                 return default_catalogue()  # not cached: the generated tasks.yaml wins once it exists
             else:
@@ -203,9 +241,17 @@ class IdDataModule(L.LightningDataModule):
     def resolver(self) -> TaskResolver:
         return create_task_resolver(self.task_resolver, self.catalogue, **self.resolver_args)
 
+    def _read(self, split: str) -> list[Sample]:
+        if self.format == "litdata":
+            from idrecog.data.stream import read_packed_manifest
+
+            # the packed manifest was validated and its files read when packing: no pre-flight scan
+            return read_packed_manifest(self.location, split, self.catalogue)
+        return self.reader.read(split)
+
     def _read_train(self) -> list[Sample]:
         if self._train_samples is None:
-            samples = self.reader.read("train")
+            samples = self._read("train")
             if self.limit_train_samples is not None and self.limit_train_samples < len(samples):
                 g = torch.Generator().manual_seed(self.seed)
                 keep = sorted(torch.randperm(len(samples), generator=g)[: self.limit_train_samples].tolist())
@@ -275,7 +321,7 @@ class IdDataModule(L.LightningDataModule):
     def _dataset(self, split: str, train: bool) -> IdDataset:
         cat = self.catalogue
         needs_user = any(s.uses_user for s in cat)
-        samples = self._read_train() if split == "train" else self.reader.read(split)
+        samples = self._read_train() if split == "train" else self._read(split)
         return IdDataset(
             self.root,
             split,
@@ -320,6 +366,8 @@ class IdDataModule(L.LightningDataModule):
         if key not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[key])
         ds = self.datasets[key]
+        if self.format == "litdata":
+            return self._stream_loader(key, ds, shuffle)
         sampler = None
         if shuffle:
             from idrecog.data.sampler import ResumableRandomSampler
@@ -345,12 +393,47 @@ class IdDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 
+    def _stream_loader(self, key: str, ds: IdDataset, shuffle: bool) -> DataLoader:
+        from litdata import StreamingDataLoader
+
+        from idrecog.data.stream import PackedSplit
+
+        split = ds.split
+        location = (
+            f"{self.location.rstrip('/')}/{split}" if "://" in self.location else str(self.root / split)
+        )
+        stream = PackedSplit(
+            location,
+            ds,
+            shuffle=shuffle,
+            seed=self.seed,
+            # LitData's default: every sample in one process; under DDP each rank gets as many samples (a rank
+            # that ran out would hang the others' collectives: the gradient all-reduce, the metric syncs), so
+            # up to world_size - 1 samples of a split are left out
+            drop_last=None,
+            cache_dir=self.stream_cache_dir,
+        )
+        if self.on_error == "skip":
+            from idrecog.data.collate import SkippingCollator
+
+            collate: Any = SkippingCollator(ds.catalogue)
+        else:
+            collate = Collator(ds.catalogue)
+        return StreamingDataLoader(
+            stream,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """The train sampler's position (epoch, batches trained in it), saved in every fit checkpoint."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.state.fn != "fit":
-            return {}
+        if trainer is None or trainer.state.fn != "fit" or self.format == "litdata":
+            return {}  # litdata: a resumed run starts its epoch over (LitData's own order)
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"train_sampler": {"epoch": int(trainer.current_epoch), "batches_done": int(done)}}
 

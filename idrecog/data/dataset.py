@@ -21,13 +21,15 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -52,7 +54,7 @@ class ImageTooLargeError(ValueError):
     """An image has more pixels than the configured limit (decompression-bomb guard)."""
 
 
-def check_image_pixels(path: Path, max_pixels: int) -> None:
+def check_image_pixels(path: Path | BinaryIO, max_pixels: int) -> None:
     """Raise ``ImageTooLargeError`` when the image header declares more than ``max_pixels`` pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -68,7 +70,7 @@ def check_image_pixels(path: Path, max_pixels: int) -> None:
         )
 
 
-def read_rgb(path: Path, max_pixels: int | None = None) -> tv_tensors.Image:
+def read_rgb(path: Path | BinaryIO, max_pixels: int | None = None) -> tv_tensors.Image:
     """Decode an image file to ``tv_tensors.Image`` uint8 [3, H, W] (PIL decode; alpha and palettes dropped).
 
     ``max_pixels``: refuse (``ImageTooLargeError``) an image whose header declares more pixels, before decoding
@@ -90,6 +92,28 @@ def read_rgb(path: Path, max_pixels: int | None = None) -> tv_tensors.Image:
                 f"{e} (decompression-bomb guard; raise data.max_image_pixels to allow it)"
             ) from None
     return tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+
+
+class FolderFiles:
+    """Where ``IdDataset`` reads a sample's files: the dataset folder (the default)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def open(self, rel: str) -> Path | BinaryIO:
+        """What ``PIL.Image.open`` reads for ``rel`` (a fresh object per call)."""
+        return self.root / rel
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).exists()
+
+    def describe(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    @contextmanager
+    def label_root(self) -> Iterator[Path]:
+        """The folder ``TaskType.load_target`` reads label files (masks) from."""
+        yield self.root
 
 
 def frames_available(spec_uses: tuple[str, ...], flash: Any, angles: list[Any]) -> bool:
@@ -183,7 +207,8 @@ class IdDataset(Dataset):
         self.max_image_pixels = max_image_pixels
         self.cache_images = cache_images
         self.load_frames = load_frames
-        self._cache: dict[Path, tv_tensors.Image] = {}
+        self._cache: dict[str, tv_tensors.Image] = {}
+        self.files = FolderFiles(self.root)
         #: per-process counts of masked labels: "frames_missing/<task>", "user_missing/<task>", "load_error/<task>"
         self.counts: Counter[str] = Counter()
 
@@ -233,40 +258,42 @@ class IdDataset(Dataset):
     def _path(self, rel: str) -> Path:
         return self.root / rel
 
-    def _load_image(self, rel: str, sample: Sample, field: str) -> tv_tensors.Image:
-        path = self._path(rel)
-        cached = self._cache.get(path)
+    def _load_image(self, rel: str, sample: Sample, field: str, files: FolderFiles) -> tv_tensors.Image:
+        cached = self._cache.get(rel)
         if cached is not None:
             return cached
+        where = files.describe(rel)
         try:
             if self.max_image_pixels is not None:
-                check_image_pixels(path, self.max_image_pixels)  # from the header, before decoding
-            img = read_rgb(path)
+                check_image_pixels(files.open(rel), self.max_image_pixels)  # from the header, before decoding
+            img = read_rgb(files.open(rel))
         except FileNotFoundError:
             raise DataFormatError(
-                f"file not found: {path}", file=sample.source, line=sample.line, field=field
+                f"file not found: {where}", file=sample.source, line=sample.line, field=field
             ) from None
         except ImageTooLargeError as e:
-            raise DataFormatError(f"{path}: {e}", file=sample.source, line=sample.line, field=field) from None
+            raise DataFormatError(
+                f"{where}: {e}", file=sample.source, line=sample.line, field=field
+            ) from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataFormatError(
-                f"cannot decode image {path}: {e}", file=sample.source, line=sample.line, field=field
+                f"cannot decode image {where}: {e}", file=sample.source, line=sample.line, field=field
             ) from None
         if self.cache_images:
-            self._cache[path] = img
+            self._cache[rel] = img
         return img
 
     def _load_frame(
-        self, rel: str | None, sample: Sample, field: str, size: tuple[int, int]
+        self, rel: str | None, sample: Sample, field: str, size: tuple[int, int], files: FolderFiles
     ) -> tv_tensors.Image | None:
         if rel is None:
             return None
         try:
-            img = self._load_image(rel, sample, field)
+            img = self._load_image(rel, sample, field, files)
         except DataFormatError:
             if self.on_error == "skip":
                 raise  # the sample is dropped (a missing frame file is a data error under skip)
-            if not self._path(rel).exists() or self.on_error == "mask":
+            if not files.exists(rel) or self.on_error == "mask":
                 return None  # a missing frame file counts as a missing frame
             raise
         if tuple(img.shape[-2:]) != size:
@@ -275,10 +302,15 @@ class IdDataset(Dataset):
         return img
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index, self.files)
+
+    def item(self, index: int, files: FolderFiles) -> dict[str, Any]:
+        """Sample ``index`` (of ``self.samples``) with its files read from ``files``: the dataset folder, or
+        the bytes a packed record carries (:mod:`idrecog.data.stream`), through the same code either way."""
         if self.on_error != "skip":
-            return self._getitem(index)
+            return self._getitem(index, files)
         try:
-            return self._getitem(index)
+            return self._getitem(index, files)
         except DataFormatError as e:
             from idrecog.data.preflight import classify_problem
 
@@ -287,24 +319,17 @@ class IdDataset(Dataset):
             log.warning("skipping sample: %s", e)
             return {SKIPPED: reason, "id": self.samples[index].id, "error": str(e)}
 
-    def _getitem(self, index: int) -> dict[str, Any]:
-        s = self.samples[index]
-        image = self._load_image(s.image, s, "image")
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        applies = self.applies[index].clone()
-        present = torch.zeros_like(applies)
-        frames_missing = torch.zeros_like(applies)
-
-        frames: dict[str, Any] | None = None
-        if self.load_frames and any(applies[j] for j in self.frame_tasks):
-            frames = {
-                "flash": self._load_frame(s.flash, s, "assoc.flash", size),
-                "angles": [
-                    self._load_frame(a, s, f"assoc.angles[{k}]", size) for k, a in enumerate(s.angles)
-                ],
-            }
-
-        targets: dict[str, Any] = {}
+    def _load_targets(
+        self,
+        s: Sample,
+        applies: Tensor,
+        present: Tensor,
+        frames_missing: Tensor,
+        frames: dict[str, Any] | None,
+        size: tuple[int, int],
+        targets: dict[str, Any],
+        label_root: Path,
+    ) -> None:
         for j, (spec, tt) in enumerate(zip(self.catalogue.tasks, self.task_types, strict=True)):
             targets[spec.name] = None
             value = s.labels.get(spec.name)
@@ -324,7 +349,7 @@ class IdDataset(Dataset):
                 self.counts[f"user_missing/{spec.name}"] += 1
                 continue
             try:
-                targets[spec.name] = tt.load_target(value, self.root, size)
+                targets[spec.name] = tt.load_target(value, label_root, size)
             except (ValueError, OSError) as e:
                 if self.on_error in ("raise", "skip"):
                     raise DataFormatError(
@@ -333,6 +358,27 @@ class IdDataset(Dataset):
                 self.counts[f"load_error/{spec.name}"] += 1
                 continue
             present[j] = True
+
+    def _getitem(self, index: int, files: FolderFiles) -> dict[str, Any]:
+        s = self.samples[index]
+        image = self._load_image(s.image, s, "image", files)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        applies = self.applies[index].clone()
+        present = torch.zeros_like(applies)
+        frames_missing = torch.zeros_like(applies)
+
+        frames: dict[str, Any] | None = None
+        if self.load_frames and any(applies[j] for j in self.frame_tasks):
+            frames = {
+                "flash": self._load_frame(s.flash, s, "assoc.flash", size, files),
+                "angles": [
+                    self._load_frame(a, s, f"assoc.angles[{k}]", size, files) for k, a in enumerate(s.angles)
+                ],
+            }
+
+        targets: dict[str, Any] = {}
+        with files.label_root() as label_root:
+            self._load_targets(s, applies, present, frames_missing, frames, size, targets, label_root)
 
         out = self.transform({"image": image, "frames": frames, "targets": targets})
         item: dict[str, Any] = {

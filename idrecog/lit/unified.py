@@ -88,8 +88,11 @@ class UnifiedModule(L.LightningModule):
             the tasks it names; None: none.
         task_options: per task TYPE (or task name) options, e.g. ``{"detection": {"num_queries": 16}}``.
         task_weights: fixed per-task loss multipliers (default 1).
-        balancing: ``fixed`` | ``uncertainty`` (Kendall et al.) | ``dwa`` (Liu et al.).
-        balancing_options: extra arguments of the balancer (``dwa``: ``temperature``).
+        balancing: a registered balancer (``idrecog.lit.balancing.list_balancers()``): ``fixed`` |
+            ``uncertainty`` (Kendall et al.) | ``dwa`` (Liu et al.) | ``rlw`` | ``gls``, or a gradient balancer
+            on the encoder's output tokens: ``pcgrad`` | ``cagrad`` | ``gradnorm`` (docs/architecture.md).
+        balancing_options: extra arguments of the balancer (``dwa``: ``temperature``; ``cagrad``: ``c``,
+            ``rescale``; ``gradnorm``: ``alpha``; ``pcgrad`` and ``rlw``: ``seed``; ``gls``: ``eps``).
         gate_loss_weight: weight of the guidance unit's cross-entropy.
         lr: peak learning rate of the decoder, heads and queries.
         encoder_lr_scale: encoder lr = lr * encoder_lr_scale * layer_decay ** (depth - layer).
@@ -316,7 +319,11 @@ class UnifiedModule(L.LightningModule):
                 for i, task in enumerate(self.task_names)
             ]
         )  # [T]
-        total, weights = self.balancer(loss_vec, present.any(dim=0))
+        if self.balancer.uses_gradients and self.training and torch.is_grad_enabled():
+            # gradient balancers read each task's gradient on the encoder's output tokens (docs/architecture.md)
+            total, weights = self.balancer(loss_vec, present.any(dim=0), shared=out["tokens"])
+        else:
+            total, weights = self.balancer(loss_vec, present.any(dim=0))
         target, known = self.gate_targets(out, batch)
         gate_loss = self.model.interpreter.gate_loss(
             out["gate_logits"], out.get("open_logits"), target, known

@@ -162,7 +162,9 @@ class UnifiedModel(nn.Module):
     ) -> dict[str, Any]:
         """images: [B, 3, H, W] -> {"outputs": {task: head outputs}, "gate_logits": {task: [B, n_types]},
         "open_logits": {task: [B]}, "routed": {task: bool [B]}, "available": {task: bool [B]} (tasks with
-        required inputs), "task_feats": {task: [B, Q_t, D]}} for ``tasks`` (default: all)."""
+        required inputs), "task_feats": {task: [B, Q_t, D]}, "tokens": [B, L, E]} for ``tasks`` (default: all).
+        ``tokens``: the encoder's output, the representation every task shares (gradient balancers read the task
+        gradients there)."""
         tasks = list(self.catalogue.names if tasks is None else tasks)
         for t in tasks:
             if t not in self.query_counts:
@@ -198,6 +200,7 @@ class UnifiedModel(nn.Module):
             "routed": routed,
             "available": available,
             "task_feats": task_feats,
+            "tokens": tokens,
         }
 
     def inputs_at_hand(

@@ -146,6 +146,11 @@ class TaskType(ABC):
     def load_target(self, value: Any, root: Path, image_size: tuple[int, int]) -> Any:
         """Turn a non-null manifest value into a per-sample target. ``image_size`` is (H, W) of the image."""
 
+    def label_files(self, value: Any) -> list[str]:
+        """The files (paths relative to the dataset folder) that ``load_target`` reads for a non-null manifest
+        value, so that ``idrecog data pack`` stores them with the sample. Default: none (the value is the label)."""
+        return []
+
     @abstractmethod
     def collate(self, targets: list[Any | None], image_size: tuple[int, int]) -> Any:
         """Batch per-sample targets; ``None`` marks a sample whose label is absent. ``image_size``: (H, W) of the

@@ -87,6 +87,9 @@ class Segmentation(TaskType):
         if not isinstance(value, str) or not value.lower().endswith(".png"):
             raise ValueError(f"must be the relative path of a PNG mask, got {value!r}")
 
+    def label_files(self, value: Any) -> list[str]:
+        return [str(value)]
+
     def load_target(self, value: Any, root: Path, image_size: tuple[int, int]) -> tv_tensors.Mask:
         path = root / value
         with Image.open(path) as im:
