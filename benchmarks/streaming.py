@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.common import UNIFIED_CONFIG, ensure_dataset, load_yaml, write_results
 
 
-def items_per_second(root: Path, fmt: str, workers: int, cache: Path) -> float:
+def items_per_second(root: Path, fmt: str, workers: int, cache: Path, batch_size: int | None = None) -> float:
     from idrecog.data.datamodule import IdDataModule
 
     data = load_yaml(UNIFIED_CONFIG)["data"]
@@ -30,7 +30,7 @@ def items_per_second(root: Path, fmt: str, workers: int, cache: Path) -> float:
         root=str(root),
         format=fmt,
         img_size=tuple(data["img_size"]),
-        batch_size=data["batch_size"],
+        batch_size=batch_size or data["batch_size"],
         augment=data["augment"],
         num_workers=workers,
         persistent_workers=False,
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     size = (160, 256)
     if args.smoke:
-        vars(args).update({"train": 8, "repeats": 1, "workers": [0], "threads": 1})
+        # batches of 4, so that batches remain after the start-up one
+        vars(args).update({"train": 16, "repeats": 1, "workers": [0], "threads": 1})
         size = (64, 96)
     torch.set_num_threads(args.threads)
     folder = ensure_dataset(args.root / "folder", args.train, 4 if args.smoke else 32, size, workers=1)
@@ -82,11 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         for w in args.workers:
             for fmt in ("folder", "litdata") if r % 2 == 0 else ("litdata", "folder"):
                 cache = args.out / "cache"
-                rate = items_per_second(folder if fmt == "folder" else packed, fmt, w, cache)
+                rate = items_per_second(
+                    folder if fmt == "folder" else packed, fmt, w, cache, 4 if args.smoke else None
+                )
                 rates.setdefault(f"{fmt} w{w}", []).append(rate)
                 print(f"[bench] {fmt} workers={w} repeat {r}: {rate:.1f} items/s", flush=True)
     lines = [
-        f"{args.train} train samples at {size[0]}x{size[1]}, batch 32, one epoch per row, median of {args.repeats}; "
+        f"{args.train} train samples at {size[0]}x{size[1]}, batch {4 if args.smoke else 32}, one epoch per row, median of {args.repeats}; "
         f"pack: {pack_s:.1f} s",
         "",
         "| format | workers | items/s (median) | runs | vs folder |",
