@@ -14,6 +14,7 @@ from benchmarks import (
     gpu_check,
     image_quality_probe,
     overhead,
+    resolvers,
     run_all,
     scaling,
     small_data,
@@ -212,3 +213,21 @@ def test_small_data_macro_f1_is_the_task_metric() -> None:
     assert np.isfinite(
         list(small_data.paired_bootstrap(y.numpy(), y.numpy(), pred.numpy(), 20, 0).values())
     ).all()
+
+
+def test_resolvers_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every arm trains on its own resolution and is scored on the annotated val task sets; the partial copy
+    lost the task sets of the share asked for, and only those."""
+    import json
+
+    out = tmp_path / "res"
+    resolvers.main(["--smoke", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in res["runs"]} == set(resolvers.ARMS)
+    assert all("val/score" in r["metrics"] for r in res["runs"])
+    lines = [json.loads(x) for x in (out / "partial" / "train.jsonl").read_text().splitlines()]
+    assert sum("tasks" not in x for x in lines) == res["data"]["unannotated"] == round(0.3 * len(lines))
+    configs = {a: (out / f"{a}_s0" / "config.yaml").read_text() for a in resolvers.ARMS}
+    assert all("eval_task_resolver: annotated" in c for c in configs.values())
+    assert "mode: unannotated" in configs["classifier"] and "task_resolver: gate" in configs["gate"]
+    assert "| gate |" in capsys.readouterr().out

@@ -64,7 +64,7 @@ def _needs_frames_catalogue() -> TaskCatalogue:
 
 def test_a_task_without_its_required_inputs_is_never_answered() -> None:
     """Learned queries read no frames: the task that requires them is withheld for every sample, with the reason,
-    however open its gate; the training targets of the gate are untouched (applicability is the data's)."""
+    however open its gate; with its inputs missing it does not apply, and its applies logit learns nothing there."""
     cat = _needs_frames_catalogue()
     m = UnifiedModule(catalogue=cat.to_dict(), **tiny_parts()).eval()
     itp = m.model.interpreter
@@ -78,8 +78,10 @@ def test_a_task_without_its_required_inputs_is_never_answered() -> None:
     assert not out["available"]["h"].any() and not out["routed"]["h"].any() and out["routed"]["a"].all()
     assert all(r["withheld"] == {"h": "needs flash and angle frames"} for r in res)
     assert all("a" in r["outputs"] for r in res)
-    target, known = m.gate_targets(out, batch)
-    assert target.all() and known.all()
+    target, known, available = m.gate_targets(out, batch)
+    h = cat.index("h")
+    assert not target[:, h].any() and not known[:, h].any() and not available[:, h].any()
+    assert target[:, 0].all() and known[:, 0].all()
 
 
 def test_the_recognizer_withholds_a_hologram_without_frames_and_asks_for_review(tmp_path: Path) -> None:
@@ -134,8 +136,6 @@ def test_the_gate_resolver_keeps_the_open_tasks_of_the_doc_type() -> None:
     assert {x.how for x in res} == {GATE}
     with pytest.raises(ConfigError, match="routing"):
         r.resolve_batch(["id"])
-    with pytest.raises(ConfigError, match="recognition"):
-        r.resolve([], "train")
 
 
 def test_the_annotated_resolver_reads_the_manifest_tasks(tmp_path: Path) -> None:
@@ -157,6 +157,77 @@ def test_the_annotated_resolver_reads_the_manifest_tasks(tmp_path: Path) -> None
         s = samples[i]
         assert all(s.labels.get(t) is not None for t in set(by_dt[i]) - set(ann[i]))
     assert all(AnnotatedResolver(cat).known(samples))
+
+
+def _half_annotated(tmp_path: Path) -> tuple[Path, TaskCatalogue, list]:
+    """A generated dataset whose odd train samples lost their annotated task set."""
+    import dataclasses
+
+    from idrecog.data.manifest import read_manifest
+    from idrecog.synth.generate import generate_dataset
+    from idrecog.tasks.catalogue import load_catalogue
+
+    root = generate_dataset(tmp_path / "d", train=40, val=24, test=0, missing_fraction=0.0, progress=False)
+    cat = load_catalogue(root / "tasks.yaml")
+    samples = [
+        dataclasses.replace(s, tasks=None) if i % 2 else s
+        for i, s in enumerate(read_manifest(root / "train.jsonl", cat))
+    ]
+    return root, cat, samples
+
+
+def test_the_gate_resolver_trains_annotated_sets_and_lets_the_gate_decide_the_others(tmp_path: Path) -> None:
+    from idrecog.data.dataset import IdDataset
+
+    root, cat, samples = _half_annotated(tmp_path)
+    r = GateResolver(cat)
+    by_dt = DocTypeResolver(cat).resolve(samples, "train")
+    assert r.resolve(samples, "train") == [
+        cat_order(cat, s.tasks) if s.tasks is not None else d for s, d in zip(samples, by_dt, strict=True)
+    ]
+    assert r.known(samples) == [s.tasks is not None for s in samples]
+    ds = IdDataset(root, "train", cat, resolver=r, samples=samples)
+    assert torch.equal(ds.gate_decides, ~ds.applies_known) and ds.gate_decides.sum() == len(samples) // 2
+    assert bool(ds[1]["gate_decides"]) and not bool(ds[0]["gate_decides"])
+    # the other resolvers never defer to the model
+    assert not IdDataset(
+        root, "train", cat, resolver=AnnotatedResolver(cat), samples=samples
+    ).gate_decides.any()
+
+
+def test_samples_the_gate_decides_train_only_the_tasks_it_opens() -> None:
+    cat = fake_catalogue()
+    m = UnifiedModule(catalogue=cat.to_dict(), **tiny_parts())
+    batch = fake_batch(cat, b=4)
+    batch["gate_decides"] = torch.tensor([True, False, True, False])
+    logit = torch.tensor([-5.0, -5.0, 5.0, 5.0])  # closed, closed, open, open
+    m._let_the_gate_decide({"open_logits": {t: logit for t in cat.names}}, batch)
+    # sample 0: the gate decides and is closed -> nothing trains; 1: annotated, closed gate changes nothing
+    assert batch["present"].tolist() == [
+        [False] * len(cat),
+        [True] * len(cat),
+        [True] * len(cat),
+        [True] * len(cat),
+    ]
+
+
+def test_val_and_test_can_be_scored_on_the_annotated_task_sets(tmp_path: Path) -> None:
+    from idrecog.data.datamodule import IdDataModule
+
+    root, cat, _ = _half_annotated(tmp_path)
+    dm = IdDataModule(
+        root=str(root), task_resolver="all", eval_task_resolver="annotated", preflight_cache_dir=""
+    )
+    dm.setup("fit")
+    assert dm.datasets["train"].applies.all()  # every task on every sample
+    val = dm.datasets["val"]
+    expected = AnnotatedResolver(cat).resolve(val.samples, "val")
+    assert [
+        cat_order(cat, [t for t, a in zip(cat.names, row, strict=True) if a]) for row in val.applies.tolist()
+    ] == expected
+    assert not val.applies.all()
+    with pytest.raises(ConfigError, match=r"data\.eval_task_resolver: unknown resolver 'nope'"):
+        IdDataModule(root=str(root), eval_task_resolver="nope")
 
 
 def cat_order(cat: TaskCatalogue, tasks: list[str]) -> list[str]:

@@ -165,6 +165,24 @@ def test_resolver_contract_matches_doc_type_resolver(trained, tmp_path: Path) ->
     assert ds.applies.shape == (len(samples), len(CAT))
 
 
+def test_unannotated_mode_keeps_annotated_task_sets(trained, tmp_path: Path) -> None:
+    """Mode unannotated: a sample with an annotated task set keeps it, the classifier decides for the others, and
+    only annotated sets count as known (the classifier's guesses do not teach the gate)."""
+    import dataclasses
+
+    data, ckpt, _ = trained
+    first = CAT.names[:1]
+    samples = [
+        dataclasses.replace(s, tasks=first if i % 2 == 0 else None)
+        for i, s in enumerate(read_manifest(data / "train.jsonl", CAT))
+    ]
+    r = _resolver(ckpt, tmp_path, mode="unannotated", threshold=0.01)  # the classifier: every task applies
+    out = r.resolve(samples, "train")
+    assert out == [first if i % 2 == 0 else CAT.names for i in range(len(samples))]
+    assert r.known(samples) == [i % 2 == 0 for i in range(len(samples))]
+    assert r.last_stats["resolved"] == len(samples) // 2
+
+
 def test_cache_hit_and_invalidation(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data, ckpt, _ = trained
     root = tmp_path / "d"

@@ -5,6 +5,7 @@ A batch::
     image:    float [B, 3, H, W]
     applies:  bool [B, T]      present: bool [B, T]      frames_missing: bool [B, T]
     applies_known: bool [B]    the sample's task set is known (not assumed)
+    gate_decides: bool [B]     the model's gate decides which of the sample's tasks train
     targets:  {task: TaskType.collate(...)} for every catalogue task (segmentation: [B, H, W], 255 where absent)
     ids:      list[str]        doc_type: list[str | None]
     assoc:    {"flash": float [B, 3, H, W], "angles": float [B, A, 3, H, W], "mask": bool [B, 1 + A]}
@@ -52,6 +53,7 @@ class Collator:
             "image": image,
             "applies": torch.stack([it["applies"] for it in items]),
             "applies_known": torch.stack([it.get("applies_known", torch.tensor(True)) for it in items]),
+            "gate_decides": torch.stack([it.get("gate_decides", torch.tensor(False)) for it in items]),
             "present": torch.stack([it["present"] for it in items]),
             "frames_missing": torch.stack(
                 [it.get("frames_missing", torch.zeros_like(it["applies"])) for it in items]

@@ -15,7 +15,12 @@ from idrecog.data.collate import Collator
 from idrecog.data.dataset import DEFAULT_MAX_IMAGE_PIXELS, ON_ERROR, IdDataset
 from idrecog.data.manifest import SPLITS, Sample
 from idrecog.data.preflight import SplitReader
-from idrecog.data.resolution import TaskResolver, check_task_resolver_args, create_task_resolver
+from idrecog.data.resolution import (
+    TaskResolver,
+    check_task_resolver_args,
+    create_task_resolver,
+    list_task_resolvers,
+)
 from idrecog.data.transforms import build_transforms, check_img_size
 from idrecog.errors import ConfigError
 from idrecog.models.user import UserFeatureEncoder
@@ -40,6 +45,8 @@ class IdDataModule(L.LightningDataModule):
         augment: train-time geometric and photometric augmentation (no flips).
         task_resolver: a registered task resolver (``idrecog.data.resolution.list_task_resolvers()``).
         resolver_args: its keyword arguments, e.g. ``{missing: skip}`` for ``doc_type``.
+        eval_task_resolver: the resolver (default arguments) of the val and test splits; None: ``task_resolver``.
+            ``annotated`` scores models trained with different resolvers on the same annotated task sets.
         on_error: what a bad sample does (docs/reliability.md). ``raise``: a pre-flight scan of the splits in
             use stops before training on the first problem, naming file, line and field. ``skip``: samples with
             problems (pre-flight, or failing at load time) are dropped, counted by reason and reported at each
@@ -79,6 +86,7 @@ class IdDataModule(L.LightningDataModule):
         augment: bool = True,
         task_resolver: str = "doc_type",
         resolver_args: dict | None = None,
+        eval_task_resolver: str | None = None,
         on_error: str = "raise",
         preflight: bool = True,
         preflight_cache_dir: str | None = None,
@@ -132,6 +140,14 @@ class IdDataModule(L.LightningDataModule):
         self.resolver_args = dict(resolver_args or {})
         # fail fast (e.g. a missing task-classifier checkpoint), before any data is generated or read
         check_task_resolver_args(task_resolver, self.resolver_args)
+        self.eval_task_resolver = eval_task_resolver
+        if eval_task_resolver is not None:
+            if eval_task_resolver not in list_task_resolvers():
+                raise ConfigError(
+                    f"data.eval_task_resolver: unknown resolver {eval_task_resolver!r}; "
+                    f"registered: {', '.join(list_task_resolvers())}"
+                )
+            check_task_resolver_args(eval_task_resolver, {})
         self.on_error = on_error
         self.preflight = preflight
         self.preflight_cache_dir = preflight_cache_dir
@@ -318,15 +334,19 @@ class IdDataModule(L.LightningDataModule):
         return self.load_frames if self.load_frames is not None else self._frames_consumed
 
     # ------------------------------------------------------------------ datasets
-    def _dataset(self, split: str, train: bool) -> IdDataset:
+    def _dataset(self, split: str, train: bool, scored: bool = False) -> IdDataset:
+        """``scored``: a val or test split (``eval_task_resolver`` resolves it when set)."""
         cat = self.catalogue
+        resolver = self.resolver
+        if scored and self.eval_task_resolver is not None:
+            resolver = create_task_resolver(self.eval_task_resolver, cat)
         needs_user = any(s.uses_user for s in cat)
         samples = self._read_train() if split == "train" else self._read(split)
         return IdDataset(
             self.root,
             split,
             cat,
-            resolver=self.resolver,
+            resolver=resolver,
             transform=build_transforms("fit" if train else "test", self.img_size, self.augment and train),
             user_encoder=UserFeatureEncoder.from_state(self.user_features()) if needs_user else None,
             on_error=self.on_error,
@@ -351,7 +371,7 @@ class IdDataModule(L.LightningDataModule):
             key = "predict" if stage == "predict" else split
             if key in self.datasets:
                 continue
-            ds = self._dataset(split, train)
+            ds = self._dataset(split, train, scored=key in ("val", "test"))
             self.datasets[key] = ds
             missing = {k: v for k, v in ds.manifest_missing_frames().items() if v}
             extra = f"; labelled samples without frames (masked): {missing}" if missing else ""
@@ -361,6 +381,8 @@ class IdDataModule(L.LightningDataModule):
             )
         if todo:
             rank_zero_info(f"[data] task resolver: {self.resolver.describe()}")
+            if self.eval_task_resolver is not None and any(split != "train" for split, _ in todo):
+                rank_zero_info(f"[data] val and test task resolver: {self.eval_task_resolver}")
 
     def _loader(self, key: str, shuffle: bool) -> DataLoader:
         if key not in self.datasets:

@@ -6,6 +6,7 @@ An item (before collation, see :func:`idrecog.data.collate.collate_samples`)::
     targets:   {task: load_target(...) after the transform, or None when the task does not apply / no label}
     applies:   bool [T]   the task applies to the sample (task resolver)
     applies_known: bool   the sample's task set is known, not assumed (the gate learns applicability from these)
+    gate_decides: bool    training: the model's gate decides which of ``applies`` train (resolver ``gate``)
     present:   bool [T]   applies AND the label is non-null and loaded
     frames_missing: bool [T]  a multi-frame task whose frames are missing (its label is masked)
     id, doc_type
@@ -192,6 +193,12 @@ class IdDataset(Dataset):
         self.samples: list[Sample] = [s for s, k in zip(samples, keep.tolist(), strict=True) if k]
         self.applies = applies[keep]
         self.applies_known = known[keep]
+        # samples whose tasks the model's gate decides during training (a resolver that defers to it)
+        self.gate_decides = (
+            ~self.applies_known
+            if self.resolver.model_decides_unknown
+            else torch.zeros_like(self.applies_known)
+        )
         self.task_types = [create_task_type(spec) for spec in self.catalogue]
         self.frame_tasks = [j for j, spec in enumerate(self.catalogue) if spec.uses_frames]
         self.user_tasks = [j for j, spec in enumerate(self.catalogue) if spec.uses_user]
@@ -386,6 +393,7 @@ class IdDataset(Dataset):
             "targets": out["targets"],
             "applies": applies,
             "applies_known": self.applies_known[index].clone(),
+            "gate_decides": self.gate_decides[index].clone(),
             "present": present,
             "frames_missing": frames_missing,
             "id": s.id,

@@ -324,24 +324,34 @@ class UnifiedModule(L.LightningModule):
             total, weights = self.balancer(loss_vec, present.any(dim=0), shared=out["tokens"])
         else:
             total, weights = self.balancer(loss_vec, present.any(dim=0))
-        target, known = self.gate_targets(out, batch)
+        target, known, _ = self.gate_targets(out, batch)
         gate_loss = self.model.interpreter.gate_loss(
             out["gate_logits"], out.get("open_logits"), target, known
         )
         return total + self.hparams.gate_loss_weight * gate_loss, loss_vec, weights, gate_loss
 
-    def gate_targets(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """What the gate's applies logit should say, per sample and task [B, T]: the data pipeline's ``applies``,
-        and where that is known (``applies_known``: a sample whose tasks were assumed, not known, teaches the gate
-        nothing). Whether the required inputs are at hand is not learned: the model checks it."""
+    def gate_targets(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sample and task [B, T]: (target, known, available).
+
+        ``available``: the model's own check that a task's required inputs are at hand (supplied, and read by the
+        queries). ``target``: the task applies (the data pipeline's ``applies``) with the inputs at hand, i.e.
+        ``applies & available``. ``known``: where the applies logit learns: the sample's task set is known
+        (``applies_known``; an assumed one teaches nothing) and the inputs are at hand (elsewhere the check
+        decides and the logit has nothing to learn)."""
         device = batch["image"].device
-        b = batch["image"].shape[0]
+        b, t = batch["image"].shape[0], len(self.task_names)
         applies = batch.get("applies")
-        if applies is None:
-            applies = torch.ones(b, len(self.task_names), dtype=torch.bool, device=device)
-        known = batch.get("applies_known")
-        known = torch.ones(b, dtype=torch.bool, device=device) if known is None else known.to(device).bool()
-        return applies.to(device).bool(), known.unsqueeze(1).expand(b, len(self.task_names))
+        applies = (
+            torch.ones(b, t, dtype=torch.bool, device=device)
+            if applies is None
+            else applies.to(device).bool()
+        )
+        rows = batch.get("applies_known")
+        rows = torch.ones(b, dtype=torch.bool, device=device) if rows is None else rows.to(device).bool()
+        given = out.get("available") or {}
+        ones = torch.ones(b, dtype=torch.bool, device=device)
+        available = torch.stack([given.get(task, ones).to(device).bool() for task in self.task_names], dim=1)
+        return applies & available, rows[:, None] & available, available
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | dict[str, Any] | None:
         """train: the loss. val/test: ``{"loss", "outputs" (per task, as forward returns them), "present" [B, T]}``,
@@ -352,6 +362,7 @@ class UnifiedModule(L.LightningModule):
         images = batch["image"]
         b = images.shape[0]
         out = self.model(images, batch=batch, route="known")
+        self._let_the_gate_decide(out, batch)
         present: Tensor = batch["present"].to(images.device).bool()  # [B, T]
         loss, loss_vec, weights, gate_loss = self.compute_losses(out, batch)
         if stage == "train" and not self._check_finite(loss, loss_vec, gate_loss):
@@ -387,9 +398,26 @@ class UnifiedModule(L.LightningModule):
             return loss
         return {"loss": loss, "outputs": out["outputs"], "present": present}
 
+    def _let_the_gate_decide(self, out: dict[str, Any], batch: dict[str, Any]) -> None:
+        """Samples marked ``gate_decides`` (task resolver ``gate``, task set not annotated) train only the tasks
+        the gate opens now; the decision is read, not trained through (the gate learns from annotated samples)."""
+        decides = batch.get("gate_decides")
+        if decides is None or out.get("open_logits") is None:
+            return
+        decides = decides.to(batch["present"].device).bool()
+        if not decides.any():
+            return
+        is_open = torch.stack(
+            [out["open_logits"][t].detach().float().sigmoid() >= OPEN_THRESHOLD for t in self.task_names],
+            dim=1,
+        ).to(batch["present"].device)  # [B, T]
+        batch["present"] = batch["present"].bool() & (~decides[:, None] | is_open)
+
     def _update_gate_metrics(self, stage: str, out: dict[str, Any], batch: dict[str, Any]) -> None:
-        """Applies/does-not-apply F1 per task and the exact match of each image's task set, where it is known."""
-        target, known = self.gate_targets(out, batch)
+        """Applies/does-not-apply F1 per task (where the applies logit decides) and the exact match of each image's
+        task set with the inputs at hand (the gate's whole decision: applies logit and input check), where the
+        task set is known."""
+        target, known, available = self.gate_targets(out, batch)
         probs = (
             torch.stack([out["open_logits"][t] for t in self.task_names], dim=1).detach().float().sigmoid()
         )
@@ -400,14 +428,16 @@ class UnifiedModule(L.LightningModule):
                 gm[module_key(task)].update(probs[sel, i], target[sel, i].long())
         if "exact_match_" not in gm:
             return
-        rows = known.all(dim=1)
+        rows = batch.get("applies_known")
+        rows = known.any(dim=1) if rows is None else rows.to(known.device).bool()
+        decided = ((probs >= OPEN_THRESHOLD) & available).float()
         if rows.any():
-            gm["exact_match_"].update(probs[rows], target[rows].long())
+            gm["exact_match_"].update(decided[rows], target[rows].long())
         dt = self.catalogue.doc_type_task
         if dt is not None:
             doc_rows = rows & target[:, self.task_names.index(dt)]
             if doc_rows.any():
-                gm["exact_match_document_"].update(probs[doc_rows], target[doc_rows].long())
+                gm["exact_match_document_"].update(decided[doc_rows], target[doc_rows].long())
 
     def _check_finite(self, loss: Tensor, loss_vec: Tensor, gate_loss: Tensor) -> bool:
         """False (and a warning naming the tasks) for a non-finite loss; raises after too many in a row.

@@ -57,6 +57,9 @@ class TaskResolver(ABC):
     """Maps samples to the names of the tasks that apply to them (catalogue order)."""
 
     name: ClassVar[str]
+    #: training: the unified model's gate decides, per step, which tasks of a sample whose task set is unknown
+    #: (``known`` False) it trains (the dataset marks those samples ``gate_decides``)
+    model_decides_unknown: ClassVar[bool] = False
 
     def __init__(self, catalogue: TaskCatalogue) -> None:
         self.catalogue = catalogue
@@ -257,22 +260,41 @@ class AnnotatedResolver(TaskResolver):
         ]
 
     def known(self, samples: list[Sample]) -> list[bool]:
-        return [s.tasks is not None or k for s, k in zip(samples, self.fallback.known(samples), strict=True)]
+        # where some samples carry a task set, the doc type's tasks of the others are assumed, not known
+        if any(s.tasks is not None for s in samples):
+            return [s.tasks is not None for s in samples]
+        return self.fallback.known(samples)
 
 
 @register_task_resolver
 class GateResolver(TaskResolver):
-    """Recognition: the unified model's gate decides which tasks apply to each image (among the doc type's tasks
-    when it is given, else among all): a task applies where its applies-probability is at least 0.5. A task that
-    applies but whose required inputs are missing stays in the set; recognition withholds it with the reason."""
+    """The unified model's gate decides which tasks apply to each image.
+
+    Recognition: among the doc type's tasks when it is given, else among all, a task applies where its
+    applies-probability is at least 0.5; one that applies but whose required inputs are missing stays in the set
+    and recognition withholds it with the reason. Training: a sample with an annotated task set (the manifest's
+    ``tasks``) trains those tasks; for one without, the gate (trained on the annotated samples) decides at each
+    step which of its doc type's tasks train (the dataset marks it ``gate_decides``)."""
 
     name = "gate"
+    model_decides_unknown = True
+
+    def __init__(self, catalogue: TaskCatalogue) -> None:
+        super().__init__(catalogue)
+        self.fallback = DocTypeResolver(catalogue, missing="all")
 
     def resolve(self, samples: list[Sample], split: str) -> list[list[str]]:
-        raise ConfigError(
-            "task resolver 'gate' reads the unified model's gate: it resolves images in recognition and "
-            "prediction, not dataset samples (train with doc_type, annotated or classifier)"
-        )
+        by_doc_type = self.fallback.resolve(samples, split)
+        return [
+            self.ordered(s.tasks) if s.tasks is not None else d
+            for s, d in zip(samples, by_doc_type, strict=True)
+        ]
+
+    def known(self, samples: list[Sample]) -> list[bool]:
+        return [s.tasks is not None for s in samples]
+
+    def describe(self) -> str:
+        return f"{self.name} (annotated task sets; the model's gate decides for samples without one)"
 
     def resolve_batch(
         self,

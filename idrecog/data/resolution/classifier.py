@@ -94,7 +94,8 @@ class ClassifierResolver(TaskResolver):
         task_classifier_ckpt: the classifier checkpoint (``idrecog fit --config lightning_configs/task_classifier.yaml``).
         threshold: probability at or above which a task applies; a float, or ``{task: float}`` (unlisted tasks 0.5).
         mode: ``missing_only``: the classifier decides only for samples without ``doc_type`` (the others use the
-            ``doc_types`` mapping); ``all``: for every sample.
+            ``doc_types`` mapping); ``all``: for every sample; ``unannotated``: for samples without an annotated
+            task set (the manifest's ``tasks``; the others use it).
         batch_size: images per classifier forward pass.
         cache_dir: where probabilities are cached (default :func:`default_cache_dir`).
         check: in ``missing_only`` mode, also classify up to this many samples whose doc type is known, to log
@@ -106,7 +107,7 @@ class ClassifierResolver(TaskResolver):
     """
 
     name = "classifier"
-    MODES: ClassVar[tuple[str, ...]] = ("missing_only", "all")
+    MODES: ClassVar[tuple[str, ...]] = ("missing_only", "all", "unannotated")
 
     def __init__(
         self,
@@ -311,7 +312,15 @@ class ClassifierResolver(TaskResolver):
     # ------------------------------------------------------------------ the resolver interface
     def resolve(self, samples: list[Sample], split: str) -> list[list[str]]:
         by_doc_type = DocTypeResolver(self.catalogue).resolve(samples, split)
-        known = [s.doc_type is not None for s in samples]
+        if self.mode == "unannotated":
+            # the annotation decides where there is one; the classifier's answer for the others is the base
+            by_doc_type = [
+                self.ordered(s.tasks) if s.tasks is not None else d
+                for s, d in zip(samples, by_doc_type, strict=True)
+            ]
+            known = [s.tasks is not None for s in samples]
+        else:
+            known = [s.doc_type is not None for s in samples]
         if self.mode == "all":
             todo = list(range(len(samples)))
         else:
@@ -351,15 +360,26 @@ class ClassifierResolver(TaskResolver):
         if todo:
             _info(f"{split}: {'cache hit' if hit else 'ran the classifier'} ({len(todo)} images)")
         msg = f"{split}: resolved {n_resolved} of {len(samples)} samples with the classifier"
-        msg += f" ({known.count(False)} without doc_type, mode {self.mode})"
+        lacking, reference = (
+            ("without a task set", "the annotations")
+            if self.mode == "unannotated"
+            else ("without doc_type", "the doc_types mapping")
+        )
+        msg += f" ({known.count(False)} {lacking}, mode {self.mode})"
         if n_both:
             per_task = ", ".join(f"{t}: {c}" for t, c in sorted(self.last_stats["disagreements"].items()))
             msg += (
-                f"; agreement with the doc_types mapping: {agree['exact']}/{n_both} = {agree['exact'] / n_both:.1%}"
+                f"; agreement with {reference}: {agree['exact']}/{n_both} = {agree['exact'] / n_both:.1%}"
                 + (f" (disagreements per task: {per_task})" if per_task else "")
             )
         _info(msg)
         return out
+
+    def known(self, samples: list[Sample]) -> list[bool]:
+        # the classifier's answers are guesses: in mode unannotated only annotated task sets teach the gate
+        if self.mode == "unannotated":
+            return [s.tasks is not None for s in samples]
+        return super().known(samples)
 
     def describe(self) -> str:
         return f"{self.name} ({self.ckpt_path}; mode {self.mode}; threshold {self.threshold})"
