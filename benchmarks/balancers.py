@@ -12,54 +12,27 @@ val/score, its spread, the mean step time) is printed and written to OUT/results
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, derive_config, write_results
+from benchmarks.common import fit_subprocess, last_val_metrics, step_bounded_config, write_results
 
 
 def run_one(out: Path, balancer: str, seed: int, steps: int, warmup: int, root: str) -> dict[str, Any]:
     run = out / f"{balancer}_s{seed}"
-    cfg = derive_config(
-        run / "config.yaml",
-        {
-            "seed_everything": seed,
-            "trainer": {
-                "max_steps": steps,
-                "max_time": None,
-                "val_check_interval": steps,
-                "default_root_dir": str(run),
-                "enable_checkpointing": False,
-                "enable_progress_bar": False,
-                "callbacks": [],
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(run), "name": "logs", "version": 0},
-                },
-            },
-            "model": {"init_args": {"balancing": balancer, "warmup_steps": warmup}},
-            "data": {"root": root},
-        },
-    )
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "idrecog.cli", "fit", "--config", str(cfg)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - t0
-    (run / "fit.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{balancer} seed {seed} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
-    scores = [float(r["val/score"]) for r in rows if r.get("val/score")]
-    return {"balancer": balancer, "seed": seed, "val_score": scores[-1], "wall_s": wall}
+    over = {"model": {"init_args": {"balancing": balancer, "warmup_steps": warmup}}, "data": {"root": root}}
+    cfg = step_bounded_config(run / "config.yaml", run, seed, steps, over)
+    try:
+        wall = fit_subprocess(cfg, run / "fit.log")
+    except RuntimeError as e:
+        raise RuntimeError(f"{balancer} seed {seed}: {e}") from None
+    return {
+        "balancer": balancer,
+        "seed": seed,
+        "val_score": last_val_metrics(run)["val/score"],
+        "wall_s": wall,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

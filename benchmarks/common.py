@@ -360,6 +360,56 @@ def derive_config(
     return write_yaml(merged(base if isinstance(base, dict) else load_yaml(base), over), path)
 
 
+def step_bounded_config(path: Path, run: Path, seed: int, steps: int, over: dict[str, Any]) -> Path:
+    """A run of ``lightning_configs/unified.yaml`` for exactly ``steps`` optimiser steps with one validation at the
+    end, no checkpoints or callbacks, CSV logs in ``run/logs/version_0``; ``over`` merged on top."""
+    base = {
+        "seed_everything": seed,
+        "trainer": {
+            "max_steps": steps,
+            "max_time": None,
+            "val_check_interval": steps,
+            "default_root_dir": str(run),
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "callbacks": [],
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(run), "name": "logs", "version": 0},
+            },
+        },
+    }
+    return derive_config(path, merged(base, over))
+
+
+def fit_subprocess(cfg: Path, log: Path) -> float:
+    """``idrecog fit --config cfg`` in a child process (its output to ``log``); the wall-clock seconds it took."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "idrecog.cli", "fit", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cfg} failed (rc {proc.returncode}), see {log}:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def last_val_metrics(run: Path) -> dict[str, float]:
+    """The last logged value of every ``val/...`` key in ``run/logs/version_0/metrics.csv``."""
+    import csv
+
+    last: dict[str, float] = {}
+    with (run / "logs" / "version_0" / "metrics.csv").open() as f:
+        for row in csv.DictReader(f):
+            last.update({k: float(v) for k, v in row.items() if v not in ("", None) and k.startswith("val/")})
+    return last
+
+
 @contextmanager
 def bare_argv() -> Iterator[None]:
     """``sys.argv`` cut to the program's name while a LightningCLI parses an argument list of its own (it warns

@@ -30,18 +30,22 @@ The table (mean and per-seed ``val/score`` and each task's primary metric) goes 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import shutil
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, derive_config, load_yaml, write_results
+from benchmarks.common import (
+    REPO,
+    derive_config,
+    fit_subprocess,
+    last_val_metrics,
+    load_yaml,
+    step_bounded_config,
+    write_results,
+)
 
 ARMS = ("oracle", "doc_type", "nothing", "classifier", "gate")
 #: the default job's optimiser steps and warm-up (lightning_configs/unified.yaml on its 2000 train samples)
@@ -91,20 +95,6 @@ def _doc_type_tasks(source: Path, line: dict[str, Any]) -> list[str]:
     return list(doc_types.get(line["doc_type"], []))
 
 
-def _fit(cfg: Path, log: Path) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "idrecog.cli", "fit", "--config", str(cfg)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cfg} failed (rc {proc.returncode}), see {log}:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
-
-
 def train_classifier(args: argparse.Namespace, partial: Path) -> Path:
     run = args.out / "task_classifier"
     cfg = derive_config(
@@ -120,7 +110,7 @@ def train_classifier(args: argparse.Namespace, partial: Path) -> Path:
         },
         base=REPO / "lightning_configs" / "task_classifier.yaml",
     )
-    wall = _fit(cfg, run / "fit.log")
+    wall = fit_subprocess(cfg, run / "fit.log")
     _say(f"task classifier: {args.classifier_steps} steps in {wall:.0f} s")
     best = run / "checkpoints" / "best.ckpt"
     return best if best.is_file() else run / "checkpoints" / "last.ckpt"  # a run too short to validate
@@ -151,35 +141,11 @@ def run_arm(
         )
     else:
         data["task_resolver"] = arm
-    cfg = derive_config(
-        run / "config.yaml",
-        {
-            "seed_everything": seed,
-            "trainer": {
-                "max_steps": args.steps,
-                "max_time": None,
-                "val_check_interval": args.steps,
-                "default_root_dir": str(run),
-                "enable_checkpointing": False,
-                "enable_progress_bar": False,
-                "callbacks": [],
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": str(run), "name": "logs", "version": 0},
-                },
-            },
-            "model": {
-                "init_args": {"warmup_steps": max(1, round(DEFAULT_WARMUP * args.steps / DEFAULT_STEPS))}
-            },
-            "data": data,
-        },
-    )
-    wall = _fit(cfg, run / "fit.log")
-    rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
-    last: dict[str, float] = {}
-    for r in rows:
-        last.update({k: float(v) for k, v in r.items() if v not in ("", None) and k.startswith("val/")})
-    return {"arm": arm, "seed": seed, "wall_s": wall, "metrics": last}
+    warmup = max(1, round(DEFAULT_WARMUP * args.steps / DEFAULT_STEPS))
+    over = {"model": {"init_args": {"warmup_steps": warmup}}, "data": data}
+    cfg = step_bounded_config(run / "config.yaml", run, seed, args.steps, over)
+    wall = fit_subprocess(cfg, run / "fit.log")
+    return {"arm": arm, "seed": seed, "wall_s": wall, "metrics": last_val_metrics(run)}
 
 
 def primary_metrics() -> dict[str, str]:

@@ -267,7 +267,7 @@ class AnnotatedResolver(TaskResolver):
 
 
 @register_task_resolver
-class GateResolver(TaskResolver):
+class GateResolver(AnnotatedResolver):
     """The unified model's gate decides which tasks apply to each image.
 
     Recognition: among the doc type's tasks when it is given, else among all, a task applies where its
@@ -278,17 +278,6 @@ class GateResolver(TaskResolver):
 
     name = "gate"
     model_decides_unknown = True
-
-    def __init__(self, catalogue: TaskCatalogue) -> None:
-        super().__init__(catalogue)
-        self.fallback = DocTypeResolver(catalogue, missing="all")
-
-    def resolve(self, samples: list[Sample], split: str) -> list[list[str]]:
-        by_doc_type = self.fallback.resolve(samples, split)
-        return [
-            self.ordered(s.tasks) if s.tasks is not None else d
-            for s, d in zip(samples, by_doc_type, strict=True)
-        ]
 
     def known(self, samples: list[Sample]) -> list[bool]:
         return [s.tasks is not None for s in samples]
