@@ -10,44 +10,42 @@ from jsonargparse import ArgumentParser
 from idrecog.data.manifest import SPLITS
 
 
+def _dataset_parser(description: str, dir_help: str = "the dataset folder") -> ArgumentParser:
+    """A subcommand's parser with what every subcommand reads: the dataset folder and its path policy."""
+    p = ArgumentParser(description=description)
+    p.add_argument("dir", type=str, help=dir_help)
+    p.add_argument("--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths")
+    return p
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="idrecog data", description="Dataset tools for a dataset folder (docs/data-format.md)."
     )
     sub = parser.add_subcommands(dest="subcommand", required=True)
+    full_dir = "the dataset folder (tasks.yaml, {train,val,test}.jsonl)"
 
-    check = ArgumentParser(
-        description="Validate every manifest line and referenced file; print a summary. Exit 1 on any problem."
+    check = _dataset_parser(
+        "Validate every manifest line and referenced file; print a summary. Exit 1 on any problem.", full_dir
     )
-    check.add_argument("dir", type=str, help="the dataset folder (tasks.yaml, {train,val,test}.jsonl)")
     check.add_argument("--splits", type=list[str], default=list(SPLITS), help="manifests to check")
-    check.add_argument(
-        "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
-    )
     check.add_argument(
         "--mask_samples", type=int, default=32, help="masks per task sampled for the pixel fractions"
     )
     sub.add_subcommand("check", check, help="validate a dataset folder")
 
-    show = ArgumentParser(
-        description="Draw a grid of samples with masks, boxes, labels and frames into a PNG."
-    )
-    show.add_argument("dir", type=str, help="the dataset folder")
+    show = _dataset_parser("Draw a grid of samples with masks, boxes, labels and frames into a PNG.")
     show.add_argument("--split", type=str, default="train", help="which manifest to draw from")
     show.add_argument("--n", type=int, default=16, help="number of samples")
     show.add_argument("--seed", type=int, default=0, help="seed of the random pick")
     show.add_argument("--out", type=str, required=True, help="the PNG to write")
     show.add_argument("--tile_width", type=int, default=320, help="pixel width of each sample's image")
-    show.add_argument(
-        "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
-    )
     sub.add_subcommand("show", show, help="draw samples into a PNG grid")
 
-    cues = ArgumentParser(
-        description="Draw the anti-fraud cues: genuine vs forged crops around each label's evidence and the frames of "
+    cues = _dataset_parser(
+        "Draw the anti-fraud cues: genuine vs forged crops around each label's evidence and the frames of "
         "a capture, at the stored resolution and as the model sees them, into a PNG."
     )
-    cues.add_argument("dir", type=str, help="the dataset folder")
     cues.add_argument(
         "--task", type=str, default="tampering", help="the classification task whose classes to compare"
     )
@@ -58,24 +56,18 @@ def build_parser() -> ArgumentParser:
     cues.add_argument("--per_class", type=int, default=2, help="samples per class")
     cues.add_argument("--img_size", type=tuple[int, int], default=(160, 256), help="(H, W) the model reads")
     cues.add_argument("--out", type=str, required=True, help="the PNG to write")
-    cues.add_argument(
-        "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
-    )
     sub.add_subcommand("cues", cues, help="draw genuine vs forged crops and capture frames into a PNG")
 
-    pack = ArgumentParser(
-        description="Write LitData shards of a dataset folder (images, frames, label files and manifests) to a "
-        "folder or an s3:// URL, for data.format: litdata (docs/data-format.md, 'Packed datasets')."
+    pack = _dataset_parser(
+        "Write LitData shards of a dataset folder (images, frames, label files and manifests) to a "
+        "folder or an s3:// URL, for data.format: litdata (docs/data-format.md, 'Packed datasets').",
+        full_dir,
     )
-    pack.add_argument("dir", type=str, help="the dataset folder (tasks.yaml, {train,val,test}.jsonl)")
     pack.add_argument("--out", type=str, required=True, help="a folder or s3://bucket/prefix")
     pack.add_argument("--splits", type=list[str], default=list(SPLITS), help="manifests to pack")
     pack.add_argument("--chunk_bytes", type=str, default="64MB", help="shard size")
     pack.add_argument(
         "--workers", type=int, default=1, help="packing processes (1 keeps the manifest order in the shards)"
-    )
-    pack.add_argument(
-        "--allow_external_paths", type=bool, default=False, help="allow absolute and '..' paths"
     )
     sub.add_subcommand("pack", pack, help="write LitData shards for streaming (data.format: litdata)")
     return parser
@@ -84,59 +76,30 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``idrecog data``; returns the exit code (check: 1 when problems were found)."""
     cfg = build_parser().parse_args(list(argv) if argv is not None else None)
+    # each subcommand's options are its tool's keyword arguments, under the same names
+    opts = cfg[cfg.subcommand].as_dict()
+    root = opts.pop("dir")
     if cfg.subcommand == "check":
         from idrecog.data.check import run_check
 
-        c = cfg.check
-        return run_check(
-            c.dir, splits=c.splits, allow_external_paths=c.allow_external_paths, mask_samples=c.mask_samples
-        )
+        return run_check(root, **opts)
     if cfg.subcommand == "pack":
         from idrecog.data.stream import pack_dataset
 
-        p = cfg.pack
-        summary = pack_dataset(
-            p.dir,
-            p.out,
-            splits=p.splits,
-            chunk_bytes=p.chunk_bytes,
-            num_workers=p.workers,
-            allow_external_paths=p.allow_external_paths,
-        )
+        summary = pack_dataset(root, num_workers=opts.pop("workers"), **opts)
         counts = ", ".join(f"{k}: {v['samples']}" for k, v in summary["splits"].items())
-        print(f"packed {counts} samples to {p.out}")
+        print(f"packed {counts} samples to {opts['out']}")
         return 0
     if cfg.subcommand == "cues":
         from idrecog.data.show import show_cues
 
-        c = cfg.cues
-        out = show_cues(
-            c.dir,
-            task=c.task,
-            frames_task=c.frames_task,
-            split=c.split,
-            per_class=c.per_class,
-            img_size=tuple(c.img_size),
-            out=c.out,
-            allow_external_paths=c.allow_external_paths,
-        )
-        print(f"wrote {out}")
+        print(f"wrote {show_cues(root, **opts)}")
         return 0
     from idrecog.data.show import show_samples
 
-    s = cfg.show
-    if s.split not in SPLITS:
+    if opts["split"] not in SPLITS:
         from idrecog.errors import ConfigError
 
-        raise ConfigError(f"--split must be one of {SPLITS}, got {s.split!r}")
-    out = show_samples(
-        s.dir,
-        split=s.split,
-        n=s.n,
-        seed=s.seed,
-        out=s.out,
-        tile_width=s.tile_width,
-        allow_external_paths=s.allow_external_paths,
-    )
-    print(f"wrote {out}")
+        raise ConfigError(f"--split must be one of {SPLITS}, got {opts['split']!r}")
+    print(f"wrote {show_samples(root, **opts)}")
     return 0

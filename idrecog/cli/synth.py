@@ -42,20 +42,9 @@ def main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except Exception as e:  # jsonargparse raises its own error type with exit_on_error=False
         raise ConfigError(" ".join(str(e).split()) or "invalid arguments") from None
-    out = generate_dataset(
-        args.out,
-        train=args.train,
-        val=args.val,
-        test=args.test,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        missing_fraction=args.missing_fraction,
-        drop_doc_type=args.drop_doc_type,
-        frames=args.frames,
-        progress=not args.no_progress,
-    )
+    # the options are generate_dataset's keyword arguments, under the same names; --no-progress turns one off
+    opts = args.as_dict()
+    progress = not opts.pop("no_progress")
+    out = generate_dataset(opts.pop("out"), progress=progress, **opts)
     print(f"wrote {args.train} train, {args.val} val, {args.test} test samples to {out}")
     return 0
