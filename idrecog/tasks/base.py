@@ -123,6 +123,8 @@ class TaskType(ABC):
     predicts_class: ClassVar[bool] = False
     #: ``idrecog data check`` loads the targets of every k-th label only (targets that are costly to load)
     sampled_label_stats: ClassVar[bool] = False
+    #: the ``TaskSpec`` fields of ``example_spec`` other than its name and type (None: the type provides none)
+    example_fields: ClassVar[Mapping[str, Any] | None] = None
 
     def __init__(self, spec: TaskSpec, **options: Any) -> None:
         self.spec = spec
@@ -259,8 +261,11 @@ class TaskType(ABC):
     # ---------------------------------------------------------------- self-description
     @classmethod
     def example_spec(cls) -> TaskSpec:
-        """A small valid catalogue entry of this type (contract tests, docs). Override in every type."""
-        raise NotImplementedError(f"{cls.__qualname__} provides no example_spec()")
+        """A small valid catalogue entry of this type (contract tests, docs): ``example_<type_name>`` with
+        ``example_fields``. Set those, or override this, in every type."""
+        if cls.example_fields is None:
+            raise NotImplementedError(f"{cls.__qualname__} provides no example_spec()")
+        return TaskSpec(name=f"example_{cls.type_name}", type=cls.type_name, **cls.example_fields)
 
     @classmethod
     def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> Any:

@@ -63,6 +63,10 @@ class Classification(TaskType):
     output_format = "logits [B, C]"
     # macro-F1: a majority-class answer scores 1/C of it, not the majority's share as accuracy would
     primary_metric = "f1_macro"
+    example_fields = {
+        "query_text": "Has the document been tampered with?",
+        "classes": ("genuine", "swap", "edit"),
+    }
 
     def __init__(self, spec: TaskSpec, **options: Any) -> None:
         super().__init__(spec, **options)
@@ -207,15 +211,6 @@ class Classification(TaskType):
         canvas.text(f"{self.name}: {output['class']}" + (f" ({p:.2f})" if p is not None else ""))
 
     # ---------------------------------------------------------------- self-description
-    @classmethod
-    def example_spec(cls) -> TaskSpec:
-        return TaskSpec(
-            name="example_classification",
-            type=cls.type_name,
-            query_text="Has the document been tampered with?",
-            classes=("genuine", "swap", "edit"),
-        )
-
     @classmethod
     def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> str:
         classes = spec.classes or ()

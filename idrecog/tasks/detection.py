@@ -73,6 +73,11 @@ class Detection(TaskType):
         "logits [B, N, C + 1] (last = no-object), boxes [B, N, 4] cxcywh in [0, 1], image_size [B, 2]"
     )
     primary_metric = "map_50"
+    example_fields = {
+        "query_text": "Locate the portrait and the MRZ.",
+        "classes": ("portrait", "mrz"),
+        "options": {"num_queries": 4},
+    }
 
     def __init__(self, spec: TaskSpec, **options: Any) -> None:
         super().__init__(spec, **options)
@@ -308,16 +313,6 @@ class Detection(TaskType):
         return out
 
     # ---------------------------------------------------------------- self-description
-    @classmethod
-    def example_spec(cls) -> TaskSpec:
-        return TaskSpec(
-            name="example_detection",
-            type=cls.type_name,
-            query_text="Locate the portrait and the MRZ.",
-            classes=("portrait", "mrz"),
-            options={"num_queries": 4},
-        )
-
     @classmethod
     def example_label(
         cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0

@@ -45,6 +45,7 @@ class Regression(TaskType):
     output_format = "value [B] in [0, 1] (normalised units)"
     primary_metric = "mae"
     higher_is_better = False
+    example_fields = {"query_text": "How tilted is the document, in degrees?", "range": (-2.0, 8.0)}
 
     @classmethod
     def validate_spec(cls, spec: TaskSpec) -> None:
@@ -125,15 +126,6 @@ class Regression(TaskType):
         canvas.text(f"{self.name}={value:.3g}")
 
     # ---------------------------------------------------------------- self-description
-    @classmethod
-    def example_spec(cls) -> TaskSpec:
-        return TaskSpec(
-            name="example_regression",
-            type=cls.type_name,
-            query_text="How tilted is the document, in degrees?",
-            range=(-2.0, 8.0),
-        )
-
     @classmethod
     def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> float:
         lo, hi = spec.range  # type: ignore[misc]

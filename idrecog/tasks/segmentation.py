@@ -71,6 +71,10 @@ class Segmentation(TaskType):
     primary_metric = "miou"
     needs_pixel_features = True
     sampled_label_stats = True
+    example_fields = {
+        "query_text": "Segment the document and its machine-readable zone.",
+        "classes": ("background", "document", "mrz"),
+    }
 
     def __init__(self, spec: TaskSpec, **options: Any) -> None:
         super().__init__(spec, **options)
@@ -220,15 +224,6 @@ class Segmentation(TaskType):
         return out
 
     # ---------------------------------------------------------------- self-description
-    @classmethod
-    def example_spec(cls) -> TaskSpec:
-        return TaskSpec(
-            name="example_segmentation",
-            type=cls.type_name,
-            query_text="Segment the document and its machine-readable zone.",
-            classes=("background", "document", "mrz"),
-        )
-
     @classmethod
     def example_label(cls, spec: TaskSpec, root: Path, image_size: tuple[int, int], seed: int = 0) -> str:
         """Writes ``example_<seed>.png``: nested rectangles of classes 1.., class 0 around, an ignore border."""
