@@ -399,21 +399,23 @@ class IdDataModule(L.LightningDataModule):
             if self._sampler_state is not None:
                 sampler.load_state_dict(self._sampler_state)
                 self._sampler_state = None
+        return DataLoader(ds, sampler=sampler, **self._loader_options(ds))
+
+    def _loader_options(self, ds: IdDataset) -> dict[str, Any]:
+        """What the folder and the stream loaders share: batching, workers and the ``on_error`` collator."""
         if self.on_error == "skip":
             from idrecog.data.collate import SkippingCollator
 
             collate: Any = SkippingCollator(ds.catalogue)
         else:
             collate = Collator(ds.catalogue)
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": collate,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers and self.num_workers > 0,
+        }
 
     def _stream_loader(self, key: str, ds: IdDataset, shuffle: bool) -> DataLoader:
         from litdata import StreamingDataLoader
@@ -435,20 +437,7 @@ class IdDataModule(L.LightningDataModule):
             drop_last=None,
             cache_dir=self.stream_cache_dir,
         )
-        if self.on_error == "skip":
-            from idrecog.data.collate import SkippingCollator
-
-            collate: Any = SkippingCollator(ds.catalogue)
-        else:
-            collate = Collator(ds.catalogue)
-        return StreamingDataLoader(
-            stream,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
+        return StreamingDataLoader(stream, **self._loader_options(ds))
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
