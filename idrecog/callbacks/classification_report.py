@@ -101,9 +101,17 @@ class ClassificationReport(Callback):
         )
 
     # ------------------------------------------------------------------ accumulate
-    def _update(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, stage: str
+    # one implementation serves validation and test: the stage comes from ``trainer.testing``
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
+        stage = "test" if trainer.testing else "val"
         if stage not in self.stages or trainer.sanity_checking or not isinstance(outputs, dict):
             return
         if "outputs" not in outputs or "present" not in outputs:
@@ -117,35 +125,14 @@ class ClassificationReport(Callback):
                 target = batch["targets"][task].to(logits.device)[idx]
                 metrics.to(logits.device).update(logits, target)
 
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update(trainer, pl_module, outputs, batch, "val")
-
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update(trainer, pl_module, outputs, batch, "test")
+    on_test_batch_end = on_validation_batch_end
 
     # ------------------------------------------------------------------ report
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._report(trainer, "val")
+            self._report(trainer, "test" if trainer.testing else "val")
 
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(trainer, "test")
+    on_test_epoch_end = on_validation_epoch_end
 
     def _dir(self, trainer: Trainer) -> Path:
         if self.output_dir:
