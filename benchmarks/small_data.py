@@ -281,6 +281,33 @@ def eval_datamodule(data: Path, args: argparse.Namespace) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- unified arms
+def _run_trainer(run: Path, **checkpoint: Any) -> dict[str, Any]:
+    """The Trainer settings the fine-tunes and the pretraining share: ``run`` emptied first and holding the files
+    and the CSV logs, one ModelCheckpoint in ``run/checkpoints`` with ``checkpoint``'s settings (what each keeps),
+    no progress bar or model summary."""
+    if run.exists():
+        shutil.rmtree(run)
+    return {
+        "default_root_dir": str(run),
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(run), "name": "lightning_logs"},
+        },
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(run / "checkpoints"),
+                    **checkpoint,
+                    "enable_version_counter": False,
+                },
+            }
+        ],
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+
+
 def fit_unified(
     name: str, configs: list[Path], over: dict[str, Any], out: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -288,31 +315,10 @@ def fit_unified(
     holds the run's own settings (paths, quiet trainer, no DataLoader workers). Returns the run's record."""
     from idrecog.cli.train import build_cli
 
-    rdir = out / name
-    if rdir.exists():
-        shutil.rmtree(rdir)
     bench: dict[str, Any] = {
         "seed_everything": args.seed,
         "trainer": {
-            "default_root_dir": str(rdir),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(rdir), "name": "lightning_logs"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(rdir / "checkpoints"),
-                        "filename": "best",
-                        "monitor": "val/score",
-                        "mode": "max",
-                        "enable_version_counter": False,
-                    },
-                }
-            ],
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
+            **_run_trainer(out / name, filename="best", monitor="val/score", mode="max"),
             "max_time": None,
         },
         "data": {
@@ -369,31 +375,12 @@ def pretrain(out: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
     from idrecog.cli.pretrain import default_config_path, run_pretrain
 
     pdir = out / "pretrain"
-    if pdir.exists():
-        shutil.rmtree(pdir)
     over = {
         "seed_everything": args.seed,
         "trainer": {
             "max_steps": args.pretrain_steps,
             "val_check_interval": min(50, args.pretrain_steps),
-            "default_root_dir": str(pdir),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(pdir), "name": "lightning_logs"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(pdir / "checkpoints"),
-                        "save_last": True,
-                        "save_top_k": 0,
-                        "enable_version_counter": False,
-                    },
-                }
-            ],
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
+            **_run_trainer(pdir, save_last=True, save_top_k=0),
         },
         "model": {
             "encoder": {"init_args": _encoder_args(args)},
