@@ -238,29 +238,21 @@ def render_document(rng: np.random.Generator, doc_type: str, doc_width: int, foi
         info["edited_field"] = edited
 
     if t.mrz is not None:
+        # the holder's fields, the same in both formats
+        holder = {
+            "issuer": st.issuer,
+            "surname": person.surname,
+            "given": person.given,
+            "number": number,
+            "nationality": st.issuer,
+            "birth": _ymd(*person.birth),
+            "sex": person.sex,
+            "expiry": _ymd(*exp),
+        }
         if st.mrz == "td3":
-            lines = mrz.td3_lines(
-                issuer=st.issuer,
-                surname=person.surname,
-                given=person.given,
-                number=number,
-                nationality=st.issuer,
-                birth=_ymd(*person.birth),
-                sex=person.sex,
-                expiry=_ymd(*exp),
-            )
+            lines = mrz.td3_lines(**holder)
         else:
-            lines = mrz.td1_lines(
-                doc_code="ID" if st.doc_type.endswith("id_card") else "IR",
-                issuer=st.issuer,
-                surname=person.surname,
-                given=person.given,
-                number=number,
-                nationality=st.issuer,
-                birth=_ymd(*person.birth),
-                sex=person.sex,
-                expiry=_ymd(*exp),
-            )
+            lines = mrz.td1_lines(doc_code="ID" if st.doc_type.endswith("id_card") else "IR", **holder)
         mf = fonts.get_font(fonts.MONO, t.mrz_size)
         x0, y0, x1, y1 = t.mrz
         lh = (y1 - y0) / len(lines)
