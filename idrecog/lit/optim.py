@@ -7,10 +7,18 @@ import math
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-__all__ = ["WarmupCosine", "build_param_groups", "make_adamw", "no_weight_decay_names", "resolve_warmup"]
+__all__ = [
+    "WarmupCosine",
+    "build_param_groups",
+    "fine_tune_optimizers",
+    "make_adamw",
+    "no_weight_decay_names",
+    "resolve_warmup",
+]
 
 _NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "reg_token", "mask_token", "dist_token")
 
@@ -113,3 +121,21 @@ def make_adamw(
         devices = {p.device.type for g in groups for p in g["params"]}
         fused = bool(devices) and devices <= {"cuda", "cpu"}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=bool(fused) or None)
+
+
+def fine_tune_optimizers(
+    module: LightningModule, encoder_vit: nn.Module | None, fused: bool | None
+) -> dict[str, Any]:
+    """``configure_optimizers`` of a module whose hparams hold ``lr``, ``weight_decay``, ``encoder_lr_scale``,
+    ``layer_decay``, ``warmup_steps`` and ``min_lr_ratio``: AdamW over :func:`build_param_groups`, warm-up then
+    cosine over the fit's estimated steps (constant after the warm-up without a trainer)."""
+    hp = module.hparams
+    groups = build_param_groups(
+        module, encoder_vit, hp.lr, hp.weight_decay, hp.encoder_lr_scale, hp.layer_decay
+    )
+    opt = make_adamw(groups, hp.lr, fused)
+    total = float("inf")
+    if module._trainer is not None:  # the ``trainer`` property raises on a detached module
+        total = float(module.trainer.estimated_stepping_batches)
+    warmup = resolve_warmup(float(hp.warmup_steps), total)
+    return {"optimizer": opt, "lr_scheduler": warmup_cosine_schedule(opt, warmup, total, hp.min_lr_ratio)}

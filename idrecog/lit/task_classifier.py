@@ -24,7 +24,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from idrecog.errors import ConfigError
-from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
+from idrecog.lit.optim import fine_tune_optimizers
 from idrecog.models.encoder import ViTEncoder, architecture_config
 from idrecog.models.queries import module_key
 from idrecog.models.task_classifier import TaskClassifier
@@ -314,15 +314,7 @@ class TaskClassifierModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        vit = self.net.backbone.vit if self.net.uses_encoder else None
-        groups = build_param_groups(self, vit, hp.lr, hp.weight_decay, hp.encoder_lr_scale, hp.layer_decay)
-        opt = make_adamw(groups, hp.lr, None)
-        total = float("inf")
-        if self._trainer is not None:
-            total = float(self.trainer.estimated_stepping_batches)
-        warmup = resolve_warmup(float(hp.warmup_steps), total)
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine_schedule(opt, warmup, total, hp.min_lr_ratio)}
+        return fine_tune_optimizers(self, self.net.backbone.vit if self.net.uses_encoder else None, None)
 
 
 def load_task_classifier(

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from idrecog.errors import ConfigError, NonFiniteLossError
 from idrecog.lit.balancing import create_balancer
-from idrecog.lit.optim import build_param_groups, make_adamw, resolve_warmup, warmup_cosine_schedule
+from idrecog.lit.optim import fine_tune_optimizers
 from idrecog.models.decoder import TaskDecoder
 from idrecog.models.detail import DetailBranch
 from idrecog.models.encoder import ViTEncoder, architecture_config
@@ -629,16 +629,7 @@ class UnifiedModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        groups = build_param_groups(
-            self, self.model.encoder.vit, hp.lr, hp.weight_decay, hp.encoder_lr_scale, hp.layer_decay
-        )
-        opt = make_adamw(groups, hp.lr, hp.fused_adamw)
-        total = float("inf")
-        if self._trainer is not None:
-            total = float(self.trainer.estimated_stepping_batches)
-        warmup = resolve_warmup(float(hp.warmup_steps), total)
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine_schedule(opt, warmup, total, hp.min_lr_ratio)}
+        return fine_tune_optimizers(self, self.model.encoder.vit, self.hparams.fused_adamw)
 
 
 def load_unified(
