@@ -108,7 +108,7 @@ def run_control(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     train_f1 = MulticlassF1Score(spec.num_classes, average="macro")
     history: list[dict[str, Any]] = []
-    steps, images, start, paused = 0, 0, time.perf_counter(), 0.0
+    steps, images, paused = 0, 0, 0.0
 
     def trained() -> float:
         return time.perf_counter() - start - paused
@@ -131,10 +131,11 @@ def run_control(
         train_f1.reset()
 
     next_eval = seconds / evals
+    start = time.perf_counter()  # the budget is training time: the class counts above are not in it
     while trained() < seconds:
         for batch in train_loader:
             elapsed = trained()
-            if elapsed >= seconds:
+            if elapsed >= seconds and steps:  # at least one step, however short the budget
                 break
             # warm-up then cosine over the wall-clock budget
             frac = elapsed / seconds
