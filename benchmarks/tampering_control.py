@@ -104,6 +104,11 @@ def run_control(
     for batch in train_loader:
         _, y = _tampering_batch(batch, t, min_quality)
         counts += torch.bincount(y, minlength=spec.num_classes)
+    if not counts.sum():
+        # the budget loop below trains at least one step: without a labelled sample it never could
+        raise SystemExit(
+            f"{name}: no labelled tampering sample in the training split (min quality {min_quality})"
+        )
     weight = (counts.sum() / (spec.num_classes * counts.clamp(min=1))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     train_f1 = MulticlassF1Score(spec.num_classes, average="macro")
