@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -221,3 +223,25 @@ def tiny_dataset_factory(tmp_path: Path) -> Callable[..., Path]:
         return make_tiny_dataset(tmp_path / name, **kwargs)
 
     return factory
+
+
+def run_ddp_worker(script: str, args: list[str], cwd: Path, timeout: float) -> None:
+    """Run a two-process DDP worker script (its source in ``script``) on CPU from ``cwd`` with ``args``; fail the test
+    when it hangs (a rank stuck in a collective the other never joins) or exits non-zero."""
+    path = cwd / "ddp_worker.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update({"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"})
+    env.pop("MASTER_PORT", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(path), *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"DDP run hung (a collective joined by one rank only?):\n{(e.stderr or b'')[-3000:]!r}")
+    assert proc.returncode == 0, proc.stderr[-4000:]

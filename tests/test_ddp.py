@@ -9,9 +9,6 @@ process never initialises ``torch.distributed``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,9 @@ import torch
 
 from idrecog.data.datamodule import IdDataModule
 from idrecog.lit.unified import UnifiedModule
-from tests.conftest import make_tiny_dataset
+from tests.conftest import make_tiny_dataset, run_ddp_worker
 from tests.test_model_fakes import tiny_parts
 
-REPO = Path(__file__).resolve().parents[1]
 N_VAL = 8  # divisible by world size x batch size: DistributedSampler pads nothing
 BATCH = 2
 ONE_SHARD_TASK = (
@@ -87,23 +83,7 @@ def test_two_process_ddp_identical_weights_and_metrics_equal_single_process(tmp_
     root = _dataset(tmp_path / "data")
     out = tmp_path / "out"
     out.mkdir()
-    script = tmp_path / "ddp_worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.update({"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"})
-    env.pop("MASTER_PORT", None)
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(script), str(root), str(out)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,  # a rank stuck in a collective the other never joins hangs: fail instead
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"DDP run hung (a collective joined by one rank only?):\n{(e.stderr or b'')[-3000:]!r}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_worker(WORKER, [str(root), str(out)], tmp_path, timeout=240)
 
     # 1. both ranks hold identical weights, and training moved them
     sd0, sd1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -5,9 +5,6 @@ S3-compatible server the test starts itself (moto, on 127.0.0.1), into the same 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -21,9 +18,7 @@ from idrecog.cli.data import main as data_main
 from idrecog.data.datamodule import IdDataModule
 from idrecog.data.stream import _decode_files, _encode_files, pack_dataset
 from idrecog.errors import ConfigError
-from tests.conftest import make_tiny_dataset
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import make_tiny_dataset, run_ddp_worker
 
 
 def _dm(root: str, fmt: str, tmp: Path, **kw: Any) -> IdDataModule:
@@ -231,23 +226,7 @@ def test_two_process_ddp_streams_disjoint_shards_and_ends_with_identical_weights
     _, out_packed = packed
     out = tmp_path / "out"
     out.mkdir()
-    script = tmp_path / "ddp_stream_worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.update({"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"})
-    env.pop("MASTER_PORT", None)
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(script), str(out_packed), str(out)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,  # a rank stuck in a collective the other never joins hangs: fail instead
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"DDP run hung:\n{(e.stderr or b'')[-3000:]!r}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_worker(WORKER, [str(out_packed), str(out)], tmp_path, timeout=300)
     sd0, sd1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(sd0[k], sd1[k]) for k in sd0), "weights differ across ranks"
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
