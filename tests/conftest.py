@@ -245,3 +245,20 @@ def run_ddp_worker(script: str, args: list[str], cwd: Path, timeout: float) -> N
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"DDP run hung (a collective joined by one rank only?):\n{(e.stderr or b'')[-3000:]!r}")
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def quiet_trainer(root: Path, **kwargs: Any) -> Any:
+    """A CPU ``lightning.Trainer`` writing nothing but what ``kwargs`` ask for: no logger, checkpoints, progress bar,
+    model summary or sanity validation."""
+    import lightning as L
+
+    return L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )

@@ -15,6 +15,7 @@ import torch
 from benchmarks.common import precollated_loader
 from idrecog.lit.balancing import BALANCERS, GradientBalancer, create_balancer, list_balancers
 from idrecog.lit.unified import UnifiedModule
+from tests.conftest import quiet_trainer
 from tests.test_model_fakes import fake_batch, fake_catalogue, tiny_parts
 
 NAMES = BALANCERS.names()
@@ -123,14 +124,8 @@ def _fit(tmp_path: Path, name: str, seed: int, **trainer_kwargs: Any) -> dict[st
     present = torch.ones(4, 3, dtype=torch.bool)
     present[:2, 1] = False
     batches = [fake_batch(cat, present=present if s % 2 else None, seed=s) for s in range(4)]
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        tmp_path,
         limit_val_batches=0,
         deterministic=True,
         **trainer_kwargs,

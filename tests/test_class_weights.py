@@ -23,6 +23,7 @@ from idrecog.models.encoder import ViTEncoder
 from idrecog.tasks.catalogue import TaskSpec
 from idrecog.tasks.classification import balanced_class_weights
 from idrecog.tasks.registry import create_task_type
+from tests.conftest import quiet_trainer
 
 IMG = (32, 48)
 CATALOGUE = {
@@ -118,17 +119,7 @@ def test_label_counts_follow_the_resolver_and_the_nulls(tmp_path: Path) -> None:
 def test_fit_settles_auto_weights_before_training_and_checkpoints_keep_them(tmp_path: Path) -> None:
     root = _write_dataset(tmp_path / "data")
     model = _module({"classification": {"class_weights": "auto"}})
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(model, datamodule=_dm(root))
     kind = balanced_class_weights([6, 2, 0])
     side = balanced_class_weights([7, 5])

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.cli import instantiate_module
@@ -17,6 +16,7 @@ from idrecog.errors import ConfigError
 from idrecog.lit.balancing import create_balancer, list_balancers
 from idrecog.lit.optim import WarmupCosine, resolve_warmup
 from idrecog.lit.unified import UnifiedModule, format_metrics_table, load_unified, score_of
+from tests.conftest import quiet_trainer
 from tests.test_model_fakes import IMG, fake_batch, fake_catalogue, tiny_parts
 
 
@@ -27,19 +27,6 @@ def _module(**kwargs: Any) -> UnifiedModule:
 
 def _loader(batches: list[dict[str, Any]]) -> torch.utils.data.DataLoader:
     return precollated_loader(batches)
-
-
-def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
 
 
 def test_absent_task_gives_zero_loss_and_no_gradient_to_its_head() -> None:
@@ -160,7 +147,7 @@ def test_validate_logs_metrics_score_and_the_table(tmp_path: Path) -> None:
     present = torch.ones(4, 3, dtype=torch.bool)
     present[:, 1] = False  # task b never labelled: no metrics, not in the score
     batches = [fake_batch(m.catalogue, present=present, seed=s) for s in range(2)]
-    trainer = _trainer(tmp_path)
+    trainer = quiet_trainer(tmp_path)
     trainer.validate(m, _loader(batches), verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert {"val/a/accuracy", "val/c/mae", "val/a/loss", "val/score", "val/gate_accuracy", "val/loss"} <= set(
@@ -200,7 +187,7 @@ def test_predict_restricts_to_applying_tasks_and_reports_withheld() -> None:
 
 def _fit_and_save(m: UnifiedModule, tmp_path: Path) -> Path:
     batch = fake_batch(m.catalogue, b=2)
-    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(m, _loader([batch, batch]))
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
