@@ -59,6 +59,14 @@ def test_requires_is_checked_against_uses() -> None:
     assert TaskCatalogue.from_dict(cat.to_dict())["holo"].requires == ("flash",)
     with pytest.raises(DataFormatError, match=r"tasks\[0\] \(holo\)\.requires"):
         TaskCatalogue.from_dict({"tasks": [{**base, "uses": ["flash"], "requires": ["user"]}]})
+    # one part of the user information: only where the task uses user information, and only a known part
+    nat = {"name": "nat", "type": "classification", "classes": ["a", "b"], "uses": ["user"]}
+    cat = TaskCatalogue.from_dict({"tasks": [{**nat, "requires": ["user.attributes"]}]})
+    assert cat["nat"].requires == ("user.attributes",) and cat["nat"].required_user_parts == ("attributes",)
+    assert TaskCatalogue.from_dict(cat.to_dict())["nat"].requires == ("user.attributes",)
+    for bad in ({**nat, "requires": ["user.colour"]}, {**nat, "uses": [], "requires": ["user.attributes"]}):
+        with pytest.raises(DataFormatError, match=r"tasks\[0\] \(nat\)\.requires"):
+            TaskCatalogue.from_dict({"tasks": [bad]})
 
 
 def test_the_score_leaves_out_tasks_the_queries_cannot_answer() -> None:
@@ -70,6 +78,46 @@ def test_the_score_leaves_out_tasks_the_queries_cannot_answer() -> None:
     assert MultimodalQueries.consumes_frames and MultimodalQueries.consumes_user
     mm = MultimodalQueries.__new__(MultimodalQueries)  # the class attributes decide; no model needed
     assert MultimodalQueries.reads(mm, ["flash", "angles", "user"])
+    assert MultimodalQueries.reads(mm, ["user.attributes", "user.behaviour"])
+    assert not LearnedQueries().reads(["user.attributes"])
+    mm.user_parts = frozenset({"behaviour"})  # an ablation that drops the declared details
+    assert mm.reads(["user.behaviour"]) and not mm.reads(["user.attributes"])
+
+
+def test_the_declared_details_are_at_hand_only_where_supplied() -> None:
+    """``requires: [user.attributes]``: available where the sample has user info with at least one attribute
+    (index 0 is missing), whatever behaviour it recorded; never with queries that do not read the attributes."""
+    from types import SimpleNamespace
+
+    from idrecog.models.multimodal import MultimodalQueries
+    from idrecog.models.unified import UnifiedModel
+
+    cat = TaskCatalogue.from_dict(
+        {
+            "tasks": [
+                {"name": "nat", "type": "classification", "classes": ["a", "b"], "uses": ["user"],
+                 "requires": ["user.attributes"]},
+                {"name": "pad", "type": "classification", "classes": ["a", "b"], "uses": ["user"],
+                 "requires": ["user"]},
+            ]
+        }
+    )  # fmt: skip
+    user = {
+        "attributes": torch.tensor([[3, 0], [0, 0], [2, 1], [0, 0]]),
+        "behaviour": torch.zeros(4, 2),
+        "behaviour_mask": torch.tensor([[True, True], [True, False], [False, False], [False, False]]),
+        "mask": torch.tensor([True, True, False, True]),
+    }
+    mm = MultimodalQueries.__new__(MultimodalQueries)
+    at_hand = UnifiedModel.inputs_at_hand(SimpleNamespace(catalogue=cat, queries=mm), ["nat", "pad"], 4,
+                                          {"user": user}, "cpu")  # fmt: skip
+    assert at_hand["nat"].tolist() == [True, False, False, False]
+    assert at_hand["pad"].tolist() == [True, True, False, True]
+    mm.user_parts = frozenset({"behaviour"})
+    at_hand = UnifiedModel.inputs_at_hand(
+        SimpleNamespace(catalogue=cat, queries=mm), ["nat"], 4, {"user": user}, "cpu"
+    )
+    assert not at_hand["nat"].any()
 
 
 def _tiny_module(detail: bool):

@@ -96,6 +96,26 @@ def test_batch_follows_contract(tiny_dataset: Path) -> None:
     assert (u["behaviour"][~u["behaviour_mask"]] == 0).all()
 
 
+def test_a_task_that_requires_the_declared_details_is_masked_without_them(tiny_dataset: Path) -> None:
+    """nationality_match requires ``user.attributes``: a session that recorded behaviour but no declared details
+    has the label masked at load and left out of the class counts, like a session with no user info at all."""
+    path = tiny_dataset / "train.jsonl"
+    lines = _lines(path)
+    i = next(k for k, x in enumerate(lines) if x["labels"].get("nationality_match") and x.get("user"))
+    del lines[i]["user"]["attributes"]
+    _write(path, lines)
+    ds = IdDataset(tiny_dataset, "train")
+    j = ds.catalogue.index("nationality_match")
+    assert ds.catalogue["nationality_match"].required_user_parts == ("attributes",)
+    item = ds[i]
+    assert item["applies"][j] and not item["present"][j] and item["targets"]["nationality_match"] is None
+    assert ds.counts["user_missing/nationality_match"] == 1
+    labelled = [
+        x for x in lines if x["labels"].get("nationality_match") and (x.get("user") or {}).get("attributes")
+    ]
+    assert sum(ds.label_counts()["nationality_match"].values()) == len(labelled)
+
+
 def _record_loads(monkeypatch) -> list[str]:
     """Spy on ``IdDataset._load_image``: the returned list collects every relative path it decodes."""
     opened: list[str] = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,7 +41,7 @@ from idrecog.data.manifest import Sample, read_manifest
 from idrecog.data.resolution import DocTypeResolver, TaskResolver
 from idrecog.errors import ConfigError, DataFormatError
 from idrecog.models.user import UserFeatureEncoder
-from idrecog.tasks.catalogue import TaskCatalogue, load_catalogue
+from idrecog.tasks.catalogue import TaskCatalogue, TaskSpec, load_catalogue
 from idrecog.tasks.registry import create_task_type
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,14 @@ def frames_available(spec_uses: tuple[str, ...], flash: Any, angles: list[Any]) 
     if "flash" in spec_uses and flash is None:
         return False
     return not ("angles" in spec_uses and not any(a is not None for a in angles))
+
+
+def user_available(spec: TaskSpec, user: Mapping[str, Any] | None) -> bool:
+    """A task that uses user information can be answered when the sample has some, with every part the task
+    requires on its own (``requires: [user.attributes]``: the declared details, not the behaviour alone)."""
+    if not user:
+        return False
+    return all(user.get(p) for p in spec.required_user_parts)
 
 
 class IdDataset(Dataset):
@@ -255,7 +263,7 @@ class IdDataset(Dataset):
                     continue
                 if spec.uses_frames and not frames_available(spec.uses, s.flash, s.angles):
                     continue
-                if spec.uses_user and not s.user:
+                if spec.uses_user and not user_available(spec, s.user):
                     continue
                 counts[value] += 1
             out[spec.name] = counts
@@ -352,7 +360,7 @@ class IdDataset(Dataset):
                 frames_missing[j] = True
                 self.counts[f"frames_missing/{spec.name}"] += 1
                 continue
-            if spec.uses_user and not s.user:
+            if spec.uses_user and not user_available(spec, s.user):
                 self.counts[f"user_missing/{spec.name}"] += 1
                 continue
             try:

@@ -39,7 +39,13 @@ __all__ = ["UnifiedModule", "format_metrics_table", "load_unified", "score_of"]
 
 STAGES = ("train", "val", "test")
 # how a withheld task names the inputs it needs
-_INPUT_NAMES = {"flash": "flash", "angles": "angle frames", "user": "user information"}
+_INPUT_NAMES = {
+    "flash": "flash",
+    "angles": "angle frames",
+    "user": "user information",
+    "user.attributes": "the user's declared details",
+    "user.behaviour": "the user's behaviour",
+}
 
 
 class MaskedMean(Metric):

@@ -46,7 +46,7 @@ from idrecog.models.queries import (
     zero_,
 )
 from idrecog.models.user import UserFeatureEncoder
-from idrecog.tasks.catalogue import TaskCatalogue
+from idrecog.tasks.catalogue import USER_PARTS, TaskCatalogue
 from idrecog.text import encode_texts, load_text_encoder, mean_pool
 
 __all__ = ["IMAGE_MODES", "KINDS", "STATIC_PATHS", "MultimodalQueries"]
@@ -102,13 +102,11 @@ class MultimodalQueries(TaskQueryProvider):
         frame_change: bool = True,
         combine: str = "add",
         static_queries: str = "text",
-        user_parts: tuple[str, ...] = ("attributes", "behaviour"),
+        user_parts: tuple[str, ...] = USER_PARTS,
     ) -> None:
         super().__init__()
-        if not set(user_parts) <= {"attributes", "behaviour"}:
-            raise ConfigError(
-                f"queries.user_parts must be drawn from ['attributes', 'behaviour'], got {user_parts!r}"
-            )
+        if not set(user_parts) <= set(USER_PARTS):
+            raise ConfigError(f"queries.user_parts must be drawn from {list(USER_PARTS)}, got {list(user_parts)!r}")
         if image_mode not in IMAGE_MODES:
             raise ConfigError(f"queries.image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
         if static_queries not in STATIC_PATHS:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from idrecog.errors import ConfigError
 from idrecog.registry import Registry
-from idrecog.tasks.catalogue import TaskCatalogue
+from idrecog.tasks.catalogue import USER_PARTS, TaskCatalogue
 
 __all__ = [
     "COMBINES",
@@ -78,11 +78,15 @@ class TaskQueryProvider(nn.Module):
     #: ``forward`` reads the sample's user information (``batch["user"]``)
     consumes_user: bool = False
 
+    #: the parts of the user information ``forward`` reads, where it reads any (a converter can drop one)
+    user_parts: frozenset[str] = frozenset(USER_PARTS)
+
     def reads(self, inputs: Iterable[str]) -> bool:
-        """Whether the queries read every one of ``inputs`` (``flash``, ``angles``, ``user``)."""
-        have = ({"flash", "angles"} if self.consumes_frames else set()) | (
-            {"user"} if self.consumes_user else set()
-        )
+        """Whether the queries read every one of ``inputs`` (``flash``, ``angles``, ``user``, or a part of the
+        user information: ``user.attributes``, ``user.behaviour``)."""
+        have = {"flash", "angles"} if self.consumes_frames else set()
+        if self.consumes_user:
+            have |= {"user", *(f"user.{p}" for p in self.user_parts)}
         return set(inputs) <= have
 
     def __init__(self) -> None:

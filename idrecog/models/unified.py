@@ -23,7 +23,7 @@ from idrecog.models.interpreter import Route, TaskGuidedInterpreter
 from idrecog.models.pixel_decoder import PixelDecoder
 from idrecog.models.queries import TaskQueryProvider
 from idrecog.tasks.base import HeadContext, TaskType
-from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue
+from idrecog.tasks.catalogue import TaskCatalogue, coerce_catalogue, input_of
 from idrecog.tasks.registry import create_task_type, is_task_type, list_task_types
 
 __all__ = ["UnifiedModel", "build_task_types", "module_config", "module_from_config"]
@@ -207,7 +207,8 @@ class UnifiedModel(nn.Module):
         self, tasks: list[str], b: int, batch: dict[str, Any] | None, device: Any
     ) -> dict[str, Tensor]:
         """{task: bool [B]} for the tasks with catalogue ``requires``: whether each sample supplies those inputs and
-        the queries read them (a design that reads no frames never has a hologram's frames at hand)."""
+        the queries read them (a design that reads no frames never has a hologram's frames at hand; a session
+        without the user's declared details never has the nationality check's ``user.attributes``)."""
         out: dict[str, Tensor] = {}
         batch = batch or {}
         assoc, user = batch.get("assoc"), batch.get("user")
@@ -215,10 +216,11 @@ class UnifiedModel(nn.Module):
             need = set(self.catalogue[t].requires)
             if not need:
                 continue
+            inputs = {input_of(r) for r in need}
             if (
                 not self.queries.reads(need)
-                or ("user" in need and user is None)
-                or (need - {"user"} and assoc is None)
+                or ("user" in inputs and user is None)
+                or (inputs - {"user"} and assoc is None)
             ):
                 out[t] = torch.zeros(b, dtype=torch.bool, device=device)
                 continue
@@ -227,7 +229,11 @@ class UnifiedModel(nn.Module):
                 ok = ok & assoc["mask"][:, 0].to(device).bool()
             if "angles" in need:
                 ok = ok & assoc["mask"][:, 1:].to(device).bool().any(1)
-            if "user" in need:
+            if "user" in inputs:
                 ok = ok & user["mask"].to(device).bool()
+            if "user.attributes" in need:  # index 0: missing
+                ok = ok & (user["attributes"].to(device) > 0).any(1)
+            if "user.behaviour" in need:
+                ok = ok & user["behaviour_mask"].to(device).bool().any(1)
             out[t] = ok
         return out

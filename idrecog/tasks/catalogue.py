@@ -9,7 +9,8 @@ Format (``DIR/tasks.yaml``), documented in ``docs/data-format.md``::
         query_text: Has the document been tampered with?
         frames: single                  # single | multi
         uses: []                        # subset of [flash, angles, user]
-        requires: []                    # subset of uses the task cannot be answered without
+        requires: []                    # what of uses the task cannot be answered without: an input, or one
+                                        # part of the user information (user.attributes, user.behaviour)
       - name: image_quality
         type: regression
         range: [0.0, 1.0]
@@ -31,6 +32,14 @@ from idrecog.errors import ConfigError, DataFormatError
 
 FRAME_KINDS = ("single", "multi")
 USES = ("flash", "angles", "user")
+#: the parts of the user information a task can require on its own (``requires: [user.attributes]``)
+USER_PARTS = ("attributes", "behaviour")
+
+
+def input_of(requirement: str) -> str:
+    """The input a ``requires`` entry belongs to: ``user.attributes`` -> ``user``, ``flash`` -> ``flash``."""
+    return requirement.split(".", 1)[0]
+
 _TASK_KEYS = {"name", "type", "classes", "range", "query_text", "frames", "uses", "requires", "options"}
 
 
@@ -47,7 +56,8 @@ class TaskSpec:
     uses: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
     #: the inputs of ``uses`` without which the task cannot be answered (its label depends on them, not on the
-    #: main image): a model whose queries read none of them is not scored on the task
+    #: main image), or a part of the user information (``user.attributes``: the nationality check needs the
+    #: declared nationality, not the behaviour): a model whose queries read none of them is not scored on the task
     requires: tuple[str, ...] = ()
 
     @property
@@ -65,6 +75,11 @@ class TaskSpec:
     @property
     def uses_user(self) -> bool:
         return "user" in self.uses
+
+    @property
+    def required_user_parts(self) -> tuple[str, ...]:
+        """The parts of the user information the task requires on their own (``requires: [user.attributes]``)."""
+        return tuple(r.split(".", 1)[1] for r in self.requires if r.startswith("user."))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "type": self.type}
@@ -258,11 +273,13 @@ def _parse(data: Any, source: str) -> TaskCatalogue:
         if not isinstance(uses, list) or any(u not in USES for u in uses):
             raise _err(source, f"{fld}.uses", f"must be a list drawn from {USES}, got {uses!r}")
         requires = t.get("requires", []) or []
-        if not isinstance(requires, list) or any(r not in uses for r in requires):
+        allowed = [*uses, *(f"user.{p}" for p in USER_PARTS if "user" in uses)]
+        if not isinstance(requires, list) or any(r not in allowed for r in requires):
             raise _err(
                 source,
                 f"{fld}.requires",
-                f"must be a list drawn from the task's uses {uses!r}, got {requires!r}",
+                f"must be a list drawn from the task's uses and the parts of what it uses {allowed!r}, "
+                f"got {requires!r}",
             )
         query_text = t.get("query_text", "")
         if not isinstance(query_text, str):
