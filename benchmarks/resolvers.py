@@ -3,7 +3,8 @@ classifier and by the unified model's gate, on the synthetic benchmark whose tas
 doc type.
 
     python -m benchmarks.resolvers [--root data/synthetic] [--unannotated 0.3] [--steps 60] [--seeds 0 1 2]
-                                   [--arms oracle doc_type nothing classifier gate] [--out runs/bench_resolvers]
+                                   [--arms oracle doc_type nothing classifier gate] [--queries learned]
+                                   [--out runs/bench_resolvers]
     python -m benchmarks.resolvers --smoke    # a check that it runs (a tiny dataset, 2 steps per arm)
 
 1. **Data.** ``--root`` (the default job's dataset, generated on first use by the first run) carries each sample's
@@ -11,7 +12,9 @@ doc type.
    tasks that do not apply (``genuine`` for a hologram check of an issue without foil, ``match`` for a
    nationality check of a user who gave no details, ...). ``OUT/partial`` is the same dataset (folders
    symlinked) whose train lines lose ``tasks`` at the rate ``--unannotated`` (seeded); val keeps them.
-2. **Arms**, each ``idrecog fit`` of ``lightning_configs/unified.yaml`` for ``--steps`` optimiser steps (the warm-up
+2. **Arms**, each ``idrecog fit`` of ``lightning_configs/unified.yaml`` (with ``--queries multimodal``:
+   ``lightning_configs/queries/multimodal.yaml`` on top, the design that reads the frames and the user information,
+   so the hologram and nationality checks enter ``val/score``) for ``--steps`` optimiser steps (the warm-up
    cut in proportion), one validation at the end, every arm scored on the annotated val task sets
    (``data.eval_task_resolver: annotated``), so ``val/score`` and the per-task metrics are comparable:
 
@@ -43,11 +46,13 @@ from benchmarks.common import (
     fit_subprocess,
     last_val_metrics,
     load_yaml,
+    merged,
     step_bounded_config,
     write_results,
 )
 
 ARMS = ("oracle", "doc_type", "nothing", "classifier", "gate")
+MULTIMODAL = REPO / "lightning_configs" / "queries" / "multimodal.yaml"
 #: the default job's optimiser steps and warm-up (lightning_configs/unified.yaml on its 2000 train samples)
 DEFAULT_STEPS, DEFAULT_WARMUP = 189, 50
 
@@ -143,6 +148,8 @@ def run_arm(
         data["task_resolver"] = arm
     warmup = max(1, round(DEFAULT_WARMUP * args.steps / DEFAULT_STEPS))
     over = {"model": {"init_args": {"warmup_steps": warmup}}, "data": data}
+    if args.queries == "multimodal":
+        over = merged(load_yaml(MULTIMODAL), over)
     cfg = step_bounded_config(run / "config.yaml", run, seed, args.steps, over)
     wall = fit_subprocess(cfg, run / "fit.log")
     return {"arm": arm, "seed": seed, "wall_s": wall, "metrics": last_val_metrics(run)}
@@ -160,7 +167,7 @@ def write_table(args: argparse.Namespace, info: dict[str, Any], results: list[di
     prim = primary_metrics()
     cols = [("score", "val/score")] + [(f"{t} {m}", f"val/{t}/{m}") for t, m in prim.items()]
     lines = [
-        f"{args.steps} steps per run, seeds {args.seeds}; {info['unannotated']} of {info['train']} train samples "
+        f"{args.queries} queries, {args.steps} steps per run, seeds {args.seeds}; {info['unannotated']} of {info['train']} train samples "
         f"without an annotated task set; {info['task_set_differs_from_doc_type']} train samples whose task set "
         "differs from their doc type's; every arm scored on the annotated val task sets",
         "",
@@ -194,6 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--classifier-steps", type=int, default=150)
+    p.add_argument(
+        "--queries",
+        choices=("learned", "multimodal"),
+        default="learned",
+        help="the query design every arm trains (multimodal: lightning_configs/queries/multimodal.yaml)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench_resolvers"))
     p.add_argument(
         "--smoke", action="store_true", help="a tiny dataset and 2 steps per arm: checks the script runs"

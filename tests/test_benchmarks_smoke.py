@@ -231,3 +231,16 @@ def test_resolvers_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert all("eval_task_resolver: annotated" in c for c in configs.values())
     assert "mode: unannotated" in configs["classifier"] and "task_resolver: gate" in configs["gate"]
     assert "| gate |" in capsys.readouterr().out
+
+
+def test_resolvers_multimodal_arm_reads_frames_and_user(tmp_path: Path) -> None:
+    """``--queries multimodal``: the arm trains the converter design, so the tasks that require frames or the
+    user's details are scored (they enter val/score) instead of being left out as with learned queries."""
+    import json
+
+    out = tmp_path / "res_mm"
+    resolvers.main(["--smoke", "--out", str(out), "--arms", "gate", "--queries", "multimodal"])
+    cfg = (out / "gate_s0" / "config.yaml").read_text()
+    assert "idrecog.models.multimodal.MultimodalQueries" in cfg and "task_resolver: gate" in cfg
+    metrics = json.loads((out / "results.json").read_text())["runs"][0]["metrics"]
+    assert "val/score" in metrics and "val/hologram/f1_macro" in metrics

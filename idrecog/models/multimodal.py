@@ -106,7 +106,9 @@ class MultimodalQueries(TaskQueryProvider):
     ) -> None:
         super().__init__()
         if not set(user_parts) <= set(USER_PARTS):
-            raise ConfigError(f"queries.user_parts must be drawn from {list(USER_PARTS)}, got {list(user_parts)!r}")
+            raise ConfigError(
+                f"queries.user_parts must be drawn from {list(USER_PARTS)}, got {list(user_parts)!r}"
+            )
         if image_mode not in IMAGE_MODES:
             raise ConfigError(f"queries.image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
         if static_queries not in STATIC_PATHS:

@@ -40,6 +40,7 @@ def input_of(requirement: str) -> str:
     """The input a ``requires`` entry belongs to: ``user.attributes`` -> ``user``, ``flash`` -> ``flash``."""
     return requirement.split(".", 1)[0]
 
+
 _TASK_KEYS = {"name", "type", "classes", "range", "query_text", "frames", "uses", "requires", "options"}
 
 
