@@ -15,8 +15,9 @@
    * ``default``: ``idrecog fit --config lightning_configs/unified.yaml`` as it is (from scratch, plain
      cross-entropy, 3 epochs), for reference (its detection ``task_options`` removed: the task set has none).
    * ``recipe`` (docs/pretraining.md, "Small labelled datasets"): ``idrecog pretrain`` (the packaged
-     ``idrecog/configs/pretrain_mae.yaml``) on the train split's images for ``--pretrain-steps`` steps of
-     ``--pretrain-batch`` at ``--pretrain-base-lr``, then ``idrecog fit --config lightning_configs/unified.yaml
+     ``idrecog/configs/pretrain_mae.yaml``) on the train split's images (with ``--pretrain-unlabelled N``, also
+     on N unlabelled captures of the pool that are in no split, as a team's unlabelled captures would be; never a
+     val or test image) for ``--pretrain-steps`` steps of ``--pretrain-batch`` at ``--pretrain-base-lr``, then ``idrecog fit --config lightning_configs/unified.yaml
      --config lightning_configs/small_data.yaml`` from that checkpoint (``encoder.init_from``):
      ``class_weights: auto``, augmentation, 12 epochs. With ``--pretrained-file`` the fine-tune starts from that
      local timm file instead (``encoder.pretrained_file``) and no pretraining runs.
@@ -111,6 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--pretrain-batch", type=int, default=64)
     p.add_argument("--pretrain-base-lr", type=float, default=1e-3, help="lr = base_lr x batch / 256")
+    p.add_argument(
+        "--pretrain-unlabelled",
+        type=int,
+        default=0,
+        help="MAE also reads this many unlabelled pool captures that are in no split (default: train images only)",
+    )
     p.add_argument("--pretrained-file", default=None, help="fine-tune from this timm file instead of MAE")
     p.add_argument("--finetune-epochs", type=int, default=None, help="default: small_data.yaml's")
     p.add_argument("--batch", type=int, default=32, help="fine-tune and control batch (unified.yaml: 32)")
@@ -152,7 +159,8 @@ def split_counts(n: int, majority: float) -> list[int]:
 
 
 def cut_dataset(pool: Path, out: Path, args: argparse.Namespace) -> dict[str, dict[str, int]]:
-    """Write the one-task dataset folder ``out`` from the pool's train split; returns {split: {class: n}}."""
+    """Write the one-task dataset folder ``out`` from the pool's train split; returns {split: {class: n}}. The
+    images it took are in ``out/images`` (so what is left of the pool is in no split)."""
     by_class: dict[str, list[dict[str, Any]]] = {c: [] for c in CLASSES}
     with (pool / "train.jsonl").open(encoding="utf-8") as f:
         for raw in f:
@@ -208,6 +216,32 @@ def cut_dataset(pool: Path, out: Path, args: argparse.Namespace) -> dict[str, di
         (out / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
         summary[split] = dict(zip(CLASSES, counts, strict=True))
     return summary
+
+
+def write_unlabelled(pool: Path, data: Path, out: Path, n: int, seed: int) -> int:
+    """``out``: a folder of the train split's images and ``n`` pool captures that are in no split (labels never
+    read), for MAE; returns how many images it holds."""
+    taken = {p.name for p in (data / "images").iterdir()}
+    held_out: set[str] = set()
+    for split in ("val", "test"):
+        with (data / f"{split}.jsonl").open(encoding="utf-8") as f:
+            held_out |= {Path(json.loads(x)["image"]).name for x in f if x.strip()}
+    free = sorted(p for p in (pool / "images" / "train").iterdir() if p.name not in taken)
+    if len(free) < n:
+        raise SystemExit(
+            f"the pool {pool} has {len(free)} captures in no split, --pretrain-unlabelled asks {n}"
+        )
+    random.Random(seed).shuffle(free)
+    train = [data / "images" / name for name in sorted(taken - held_out)]
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for src in [*train, *free[:n]]:
+        try:
+            os.link(src, out / src.name)
+        except OSError:
+            shutil.copyfile(src, out / src.name)
+    return len(train) + n
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -375,6 +409,18 @@ def pretrain(out: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
     from idrecog.cli.pretrain import default_config_path, run_pretrain
 
     pdir = out / "pretrain"
+    if args.pretrain_unlabelled:
+        n_images = write_unlabelled(
+            Path(args.pool) if args.pool else out / "pool",
+            out / "data",
+            out / "unlabelled",
+            args.pretrain_unlabelled,
+            args.seed,
+        )
+        source = {"source": "folder", "path": str(out / "unlabelled")}
+    else:
+        n_images = args.train
+        source = {"source": "manifest", "path": str(out / "data")}
     over = {
         "seed_everything": args.seed,
         "trainer": {
@@ -388,8 +434,7 @@ def pretrain(out: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
             "warmup_steps": 0.1,
         },
         "data": {
-            "source": "manifest",
-            "path": str(out / "data"),
+            **source,
             "img_size": list(args.img_size),
             "batch_size": args.pretrain_batch,
             "num_workers": 0,
@@ -413,7 +458,8 @@ def pretrain(out: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
         "wall_s": wall,
         "steps": args.pretrain_steps,
         "images": args.pretrain_steps * args.pretrain_batch,
-        "passes": args.pretrain_steps * args.pretrain_batch / max(1, args.train),
+        "distinct_images": n_images,
+        "passes": args.pretrain_steps * args.pretrain_batch / max(1, n_images),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
     }
@@ -557,8 +603,14 @@ def render(state: dict[str, Any]) -> str:
     p = state.get("pretrain")
     if p:
         lines += [
-            f"MAE pretraining: {p['steps']} steps x {s['pretrain_batch']} images ({p['passes']:.1f} passes over the "
-            f"train images), {p['cpu_s']:.0f} CPU-s / {p['wall_s']:.0f} s wall, loss {_fmt(p['loss_first'])} -> "
+            f"MAE pretraining: {p['steps']} steps x {s['pretrain_batch']} images ({p['passes']:.1f} passes over "
+            f"{p['distinct_images']} images: "
+            + (
+                "the train images"
+                if not s.get("pretrain_unlabelled")
+                else f"the train images and {s['pretrain_unlabelled']} unlabelled captures in no split"
+            )
+            + f"), {p['cpu_s']:.0f} CPU-s / {p['wall_s']:.0f} s wall, loss {_fmt(p['loss_first'])} -> "
             f"{_fmt(p['loss_last'])}.",
             "",
         ]
@@ -608,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "img_size": args.img_size,
         "pretrain_batch": args.pretrain_batch,
+        "pretrain_unlabelled": args.pretrain_unlabelled,
         "cnn": args.cnn,
     }
     ensure_dataset(

@@ -170,7 +170,8 @@ def test_small_data_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     from idrecog.tasks.classification import balanced_class_weights
 
     out = tmp_path / "small"
-    assert small_data.main(["--smoke", "--out", str(out), "--arms", "recipe", "control"]) == 0
+    argv = ["--smoke", "--out", str(out), "--arms", "recipe", "control", "--pretrain-unlabelled", "30"]
+    assert small_data.main(argv) == 0
     # a dataset folder of its own: one task, every split >= 80 % one class, all three classes present
     cat = yaml.safe_load((out / "data" / "tasks.yaml").read_text())
     assert [t["name"] for t in cat["tasks"]] == [small_data.TASK] and not cat.get("doc_types")
@@ -180,6 +181,17 @@ def test_small_data_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert len(counts) == 3 and counts.most_common(1)[0][1] / len(lines) >= 0.8
     res = json.loads((out / "results.json").read_text())
     runs = {r["arm"]: r for r in res["runs"]}
+
+    # MAE read the train images and 30 unlabelled pool captures, never a val or test image
+    def names(split: str) -> set[str]:
+        rows = (out / "data" / f"{split}.jsonl").read_text().splitlines()
+        return {Path(json.loads(x)["image"]).name for x in rows}
+
+    unlabelled = {p.name for p in (out / "unlabelled").iterdir()}
+    assert names("train") <= unlabelled and not unlabelled & (names("val") | names("test"))
+    assert len(unlabelled) == len(names("train")) + 30 == res["pretrain"]["distinct_images"]
+    pre_cfg = yaml.safe_load((out / "configs" / "pretrain.yaml").read_text())
+    assert pre_cfg["data"]["source"] == "folder" and pre_cfg["data"]["path"] == str(out / "unlabelled")
     # the recipe fine-tuned from its own MAE checkpoint, with weights settled from the train split's counts
     recipe_cfg = yaml.safe_load((out / "configs" / "recipe.yaml").read_text())
     init_from = recipe_cfg["model"]["init_args"]["encoder"]["init_args"]["init_from"]
