@@ -28,7 +28,10 @@
    * ``scratch`` (optional): the recipe's fine-tune without pretraining, to see what the pretraining adds.
 
    Every phase runs in this process with no DataLoader workers, so ``time.process_time()`` (every thread of the
-   process) is the CPU it used: a budget in CPU seconds is the same on an idle machine and on a shared one.
+   process) is the CPU it used. Run it on an otherwise idle machine: beside another job a CPU second does less
+   work (on a 2-core VM the same 192 fine-tune steps took 645 CPU-s beside a training run and 213 CPU-s alone),
+   and arms that ran under different load would not get the same work for their seconds; the script warns when
+   the load average says the machine is busy.
 3. **Report.** Per arm: CPU and wall seconds, steps, best validation macro-F1, test macro-F1, accuracy, recall per
    class and the confusion matrix; the recipe's margin over the control with a paired bootstrap over the test
    samples (95 % interval and the share of resamples where the recipe is ahead). ``OUT/results.json`` and
@@ -648,6 +651,12 @@ def _fmt(v: Any, nd: int = 3) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy > 0.5 * (os.cpu_count() or 1) and not args.smoke:
+        log(
+            f"warning: load average {busy:.1f} on {os.cpu_count()} cores: other jobs share the machine, so CPU "
+            "seconds buy less work and the arms may not get the same work for the same budget"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pool = Path(args.pool) if args.pool else out / "pool"
