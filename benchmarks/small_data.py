@@ -208,11 +208,7 @@ def cut_dataset(pool: Path, out: Path, args: argparse.Namespace) -> dict[str, di
         for c, k in zip(CLASSES, counts, strict=True):
             for obj in by_class[c][taken[c] : taken[c] + k]:
                 src = pool / obj["image"]
-                dst = out / "images" / src.name
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copyfile(src, dst)
+                _link(src, out / "images" / src.name)
                 lines.append({"id": obj["id"], "image": f"images/{src.name}", "labels": {TASK: c}})
             taken[c] += k
         rng.shuffle(lines)
@@ -221,29 +217,36 @@ def cut_dataset(pool: Path, out: Path, args: argparse.Namespace) -> dict[str, di
     return summary
 
 
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (a copy where the file system has none)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def pool_dir(args: argparse.Namespace, out: Path) -> Path:
+    """Where the synthetic pool is generated and cut from (``--pool``, default OUT/pool)."""
+    return Path(args.pool) if args.pool else out / "pool"
+
+
 def write_unlabelled(pool: Path, data: Path, out: Path, n: int, seed: int) -> int:
     """``out``: a folder of the train split's images and ``n`` pool captures that are in no split (labels never
     read), for MAE; returns how many images it holds."""
-    taken = {p.name for p in (data / "images").iterdir()}
-    held_out: set[str] = set()
-    for split in ("val", "test"):
-        with (data / f"{split}.jsonl").open(encoding="utf-8") as f:
-            held_out |= {Path(json.loads(x)["image"]).name for x in f if x.strip()}
+    taken = {p.name for p in (data / "images").iterdir()}  # every split's images
     free = sorted(p for p in (pool / "images" / "train").iterdir() if p.name not in taken)
     if len(free) < n:
         raise SystemExit(
             f"the pool {pool} has {len(free)} captures in no split, --pretrain-unlabelled asks {n}"
         )
     random.Random(seed).shuffle(free)
-    train = [data / "images" / name for name in sorted(taken - held_out)]
+    with (data / "train.jsonl").open(encoding="utf-8") as f:
+        train = [data / json.loads(x)["image"] for x in f if x.strip()]
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for src in [*train, *free[:n]]:
-        try:
-            os.link(src, out / src.name)
-        except OSError:
-            shutil.copyfile(src, out / src.name)
+        _link(src, out / src.name)
     return len(train) + n
 
 
@@ -414,7 +417,7 @@ def pretrain(out: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]
     pdir = out / "pretrain"
     if args.pretrain_unlabelled:
         n_images = write_unlabelled(
-            Path(args.pool) if args.pool else out / "pool",
+            pool_dir(args, out),
             out / "data",
             out / "unlabelled",
             args.pretrain_unlabelled,
@@ -659,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pool = Path(args.pool) if args.pool else out / "pool"
+    pool = pool_dir(args, out)
     state: dict[str, Any] = {"runs": [], "notes": [], "pretrain": None, "verdict": None}
     state["setup"] = {
         "date": datetime.date.today().isoformat(),
