@@ -195,20 +195,29 @@ def test_the_gate_resolver_trains_annotated_sets_and_lets_the_gate_decide_the_ot
     ).gate_decides.any()
 
 
-def test_samples_the_gate_decides_train_only_the_tasks_it_opens() -> None:
+def test_samples_the_gate_decides_train_only_the_tasks_it_opens_with_confidence() -> None:
     cat = fake_catalogue()
-    m = UnifiedModule(catalogue=cat.to_dict(), **tiny_parts())
-    batch = fake_batch(cat, b=4)
-    batch["gate_decides"] = torch.tensor([True, False, True, False])
-    logit = torch.tensor([-5.0, -5.0, 5.0, 5.0])  # closed, closed, open, open
+    m = UnifiedModule(catalogue=cat.to_dict(), gate_train_threshold=0.9, **tiny_parts())
+    batch = fake_batch(cat, b=5)
+    batch["gate_decides"] = torch.tensor([True, False, True, False, True])
+    # closed, closed, open, open, open at the gate's own threshold (p 0.73) but not confidently
+    logit = torch.tensor([-5.0, -5.0, 5.0, 5.0, 1.0])
     m._let_the_gate_decide({"open_logits": {t: logit for t in cat.names}}, batch)
-    # sample 0: the gate decides and is closed -> nothing trains; 1: annotated, closed gate changes nothing
+    # sample 0: the gate decides and is closed -> nothing trains; 1: annotated, closed gate changes nothing;
+    # 4: an unsure gate lets no (possibly default) label train
     assert batch["present"].tolist() == [
         [False] * len(cat),
         [True] * len(cat),
         [True] * len(cat),
         [True] * len(cat),
+        [False] * len(cat),
     ]
+
+
+@pytest.mark.parametrize("threshold", [0.4, 1.0])
+def test_gate_train_threshold_out_of_range_is_refused(threshold: float) -> None:
+    with pytest.raises(ConfigError, match="gate_train_threshold"):
+        UnifiedModule(catalogue=fake_catalogue().to_dict(), gate_train_threshold=threshold, **tiny_parts())
 
 
 def test_val_and_test_can_be_scored_on_the_annotated_task_sets(tmp_path: Path) -> None:

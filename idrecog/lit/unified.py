@@ -100,6 +100,9 @@ class UnifiedModule(L.LightningModule):
         balancing_options: extra arguments of the balancer (``dwa``: ``temperature``; ``cagrad``: ``c``,
             ``rescale``; ``gradnorm``: ``alpha``; ``pcgrad`` and ``rlw``: ``seed``; ``gls``: ``eps``).
         gate_loss_weight: weight of the guidance unit's cross-entropy.
+        gate_train_threshold: with ``data.task_resolver: gate``, a sample without an annotated task set trains a
+            task only where the gate's applies probability reaches this (a pseudo-label kept only when
+            confident: a gate not yet trained, near 0.5, trains none of them and lets no default label in).
         lr: peak learning rate of the decoder, heads and queries.
         encoder_lr_scale: encoder lr = lr * encoder_lr_scale * layer_decay ** (depth - layer).
         layer_decay: layer-wise lr decay over the ViT blocks (1: none).
@@ -128,6 +131,7 @@ class UnifiedModule(L.LightningModule):
         balancing: str = "fixed",
         balancing_options: dict[str, Any] | None = None,
         gate_loss_weight: float = 0.1,
+        gate_train_threshold: float = 0.9,
         lr: float = 1e-3,
         encoder_lr_scale: float = 0.5,
         layer_decay: float = 0.75,
@@ -143,6 +147,11 @@ class UnifiedModule(L.LightningModule):
         super().__init__()
         if max_nonfinite_steps < 0:
             raise ConfigError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
+        if not OPEN_THRESHOLD <= gate_train_threshold < 1:
+            raise ConfigError(
+                f"model.gate_train_threshold must be in [{OPEN_THRESHOLD}, 1) (the gate's own decision threshold "
+                f"up to certainty), got {gate_train_threshold}"
+            )
         cat = coerce_catalogue(catalogue) if catalogue is not None else default_catalogue()
         enc = module_from_config(encoder, ViTEncoder, "encoder") or ViTEncoder(
             "vit_tiny_patch16_224", img_size=(160, 256)
@@ -168,6 +177,7 @@ class UnifiedModule(L.LightningModule):
                 "balancing": balancing,
                 "balancing_options": plain(balancing_options),
                 "gate_loss_weight": gate_loss_weight,
+                "gate_train_threshold": gate_train_threshold,
                 "lr": lr,
                 "encoder_lr_scale": encoder_lr_scale,
                 "layer_decay": layer_decay,
@@ -406,7 +416,8 @@ class UnifiedModule(L.LightningModule):
 
     def _let_the_gate_decide(self, out: dict[str, Any], batch: dict[str, Any]) -> None:
         """Samples marked ``gate_decides`` (task resolver ``gate``, task set not annotated) train only the tasks
-        the gate opens now; the decision is read, not trained through (the gate learns from annotated samples)."""
+        the gate opens now with confidence (applies probability >= ``gate_train_threshold``); the decision is
+        read, not trained through (the gate learns from annotated samples)."""
         decides = batch.get("gate_decides")
         if decides is None or out.get("open_logits") is None:
             return
@@ -414,7 +425,10 @@ class UnifiedModule(L.LightningModule):
         if not decides.any():
             return
         is_open = torch.stack(
-            [out["open_logits"][t].detach().float().sigmoid() >= OPEN_THRESHOLD for t in self.task_names],
+            [
+                out["open_logits"][t].detach().float().sigmoid() >= self.hparams.gate_train_threshold
+                for t in self.task_names
+            ],
             dim=1,
         ).to(batch["present"].device)  # [B, T]
         batch["present"] = batch["present"].bool() & (~decides[:, None] | is_open)
