@@ -367,8 +367,11 @@ def step_bounded_config(path: Path, run: Path, seed: int, steps: int, over: dict
         "seed_everything": seed,
         "trainer": {
             "max_steps": steps,
+            "max_epochs": -1,
             "max_time": None,
+            # counted in training batches across epochs, so a run longer than one epoch validates once, at the end
             "val_check_interval": steps,
+            "check_val_every_n_epoch": None,
             "default_root_dir": str(run),
             "enable_checkpointing": False,
             "enable_progress_bar": False,

@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
             generate_dataset(
                 args.root, train=40, val=16, test=0, height=64, width=96, workers=1, progress=False
             )
-        args.steps, args.classifier_steps, args.seeds = 2, 2, [0]
+        # 7 steps: more than the tiny train split's 5 batches, so a run crosses an epoch and validates once at the end
+        args.steps, args.classifier_steps, args.seeds = 7, 2, [0]
         args.data_over = {"img_size": [64, 96], "batch_size": 8, "synthesize_if_missing": False}
     elif not (args.root / "train.jsonl").is_file():
         from idrecog.data.datamodule import IdDataModule

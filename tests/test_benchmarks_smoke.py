@@ -256,3 +256,9 @@ def test_resolvers_multimodal_arm_reads_frames_and_user(tmp_path: Path) -> None:
     assert "idrecog.models.multimodal.MultimodalQueries" in cfg and "task_resolver: gate" in cfg
     metrics = json.loads((out / "results.json").read_text())["runs"][0]["metrics"]
     assert "val/score" in metrics and "val/hologram/f1_macro" in metrics
+    # a run longer than one epoch (7 steps of 5 batches each) validates once, after its last step
+    import csv
+
+    rows = list(csv.DictReader((out / "gate_s0" / "logs" / "version_0" / "metrics.csv").open()))
+    val_steps = [int(r["step"]) for r in rows if r.get("val/score")]
+    assert val_steps == [6]
