@@ -424,23 +424,19 @@ class UnifiedModule(L.LightningModule):
         decides = decides.to(batch["present"].device).bool()
         if not decides.any():
             return
-        is_open = torch.stack(
-            [
-                out["open_logits"][t].detach().float().sigmoid() >= self.hparams.gate_train_threshold
-                for t in self.task_names
-            ],
-            dim=1,
-        ).to(batch["present"].device)  # [B, T]
+        is_open = (self._open_probabilities(out) >= self.hparams.gate_train_threshold).to(decides.device)
         batch["present"] = batch["present"].bool() & (~decides[:, None] | is_open)
+
+    def _open_probabilities(self, out: dict[str, Any]) -> Tensor:
+        """The gate's applies probabilities, read without a gradient: [B, T], tasks in catalogue order."""
+        return torch.stack([out["open_logits"][t] for t in self.task_names], dim=1).detach().float().sigmoid()
 
     def _update_gate_metrics(self, stage: str, out: dict[str, Any], batch: dict[str, Any]) -> None:
         """Applies/does-not-apply F1 per task (where the applies logit decides) and the exact match of each image's
         task set with the inputs at hand (the gate's whole decision: applies logit and input check), where the
         task set is known."""
         target, known, available = self.gate_targets(out, batch)
-        probs = (
-            torch.stack([out["open_logits"][t] for t in self.task_names], dim=1).detach().float().sigmoid()
-        )
+        probs = self._open_probabilities(out)
         gm = self.gate_metrics[module_key(stage)]
         for i, task in enumerate(self.task_names):
             sel = known[:, i]
