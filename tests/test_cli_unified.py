@@ -238,3 +238,26 @@ def test_image_size_is_written_once(tiny_dataset: Path, capsys: pytest.CaptureFi
     other = "--model.init_args.encoder.init_args.img_size=[32, 48]"
     assert main(["fit", *args, other, "--trainer.fast_dev_run=true"]) == 2
     assert "data.img_size (64, 96) differs from the encoder's img_size (32, 48)" in capsys.readouterr().err
+
+
+BAD_CONFIGS = {
+    "syntax": ("trainer:\n  max_epochs: [1\n", ":3:1: not valid YAML", "flow sequence that starts at line 2"),
+    "tab": ("trainer:\n\tmax_epochs: 1\n", ":2:1: not valid YAML", "'\\t'"),
+    "empty": ("", ": the config file is empty", ""),
+    "list": ("- trainer\n- model\n", ": a config file holds a mapping", "holds a list"),
+}
+
+
+@pytest.mark.parametrize("command", ["fit", "pretrain"])
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_file_is_named(
+    command: str, case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, where, detail = BAD_CONFIGS[case]
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(text, encoding="utf-8")
+    first = ["--config", str(CONFIGS / "unified.yaml")] if command == "fit" else []
+    assert main([command, *first, f"--config={bad}", "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"idrecog {command}: error: {bad}{where}"), err
+    assert detail in err[0]

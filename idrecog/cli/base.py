@@ -11,10 +11,13 @@ LightningCLI base class, so the commands read configs, resume and save checkpoin
   resumes with ``weights_only=True``) and saves ``last.ckpt`` on SIGTERM (:class:`PreemptionCheckpoint`).
 * **One image size.** ``data.img_size`` must equal the encoder's ``img_size`` (one error line instead of a shape
   error in the first forward pass).
+* **Readable config errors.** Every ``--config`` file is read before parsing: a YAML syntax error, an empty file or
+  one that is not a mapping is one :class:`~idrecog.errors.ConfigError` line naming the file (and the line).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,56 @@ from idrecog.errors import ConfigError
 PARSER_MODE = "omegaconf+"
 
 
+def config_files(argv: Sequence[str]) -> list[str]:
+    """The values of ``--config`` / ``-c`` / ``--config=X`` in ``argv``, in order."""
+    found = []
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            found.append(a.split("=", 1)[1])
+        elif a in ("--config", "-c") and i + 1 < len(argv):
+            found.append(argv[i + 1])
+    return found
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Raise a :class:`ConfigError` naming the file (and line) for a ``--config`` file that is not a YAML mapping.
+
+    jsonargparse reports these as ``Unexpected config`` or a YAML error about ``<unicode string>``, without the
+    file. Values that are not files are left to jsonargparse (it names a missing file itself).
+    """
+    import yaml
+
+    for value in config_files(argv):
+        path = Path(value)
+        if not path.is_file():
+            continue
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.MarkedYAMLError as e:
+            mark, ctx = e.problem_mark or e.context_mark, e.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            msg = f"{where}: not valid YAML: {e.problem or e.context}"
+            if e.problem and e.context and ctx is not None:
+                msg += f" ({e.context} that starts at line {ctx.line + 1}, column {ctx.column + 1})"
+            raise ConfigError(msg) from e
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if content is None:
+            raise ConfigError(f"{path}: the config file is empty")
+        if not isinstance(content, dict):
+            raise ConfigError(
+                f"{path}: a config file holds a mapping of options (trainer:, model:, data:, ...), "
+                f"this one holds a {type(content).__name__}"
+            )
+
+
 class IdrecogLightningCLI(LightningCLI):
     """LightningCLI with idrecog's config, resume and checkpoint conventions (see the module docstring)."""
 
     def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         from jsonargparse import set_parsing_settings
+
+        check_config_files(kwargs.get("args") or [])
 
         # a config given to a subcommand (`idrecog fit --config X`) lands under `fit.`: absolute interpolations
         # such as ${trainer.default_root_dir} are made relative to where they stand in their file, so the same
