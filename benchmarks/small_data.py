@@ -494,8 +494,13 @@ def _csv_column(root: Path, key: str) -> list[float]:
     return values
 
 
-def _smoke_model() -> dict[str, Any]:
-    return {"decoder": {"init_args": {"dim": 64, "depth": 1}}}
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What every unified arm sets on top of its configs: the encoder's input size; with ``--smoke`` also a
+    one-block encoder and decoder. A measured run trains the configs' own model."""
+    init: dict[str, Any] = {"encoder": {"init_args": _encoder_args(args)}}
+    if args.smoke:
+        init["decoder"] = {"init_args": {"dim": 64, "depth": 1}}
+    return {"model": {"init_args": init}}
 
 
 # ---------------------------------------------------------------------------------------------- control
@@ -683,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"dataset {out / 'data'}: " + ", ".join(f"{k} {v}" for k, v in splits.items()))
     eval_dm = eval_datamodule(out / "data", args)
     test_loader = eval_dm.test_dataloader()
-    smoke_over = {"model": {"init_args": {**_smoke_model(), "encoder": {"init_args": _encoder_args(args)}}}}
+    model_over = model_overrides(args)
     preds: dict[str, np.ndarray] = {}
     y_test: np.ndarray | None = None
 
@@ -703,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     enc_over = _encoder_args(args)
     if "default" in args.arms:
         over = merged(
-            smoke_over, {"model": {"init_args": {"task_options": None, "encoder": {"init_args": enc_over}}}}
+            model_over, {"model": {"init_args": {"task_options": None, "encoder": {"init_args": enc_over}}}}
         )
         rec = fit_unified("default", [UNIFIED_CONFIG], over, out, args)
         score(rec, "unified.yaml as it is (scratch, plain CE, 3 epochs)", unified_logits(rec["checkpoint"]))
@@ -722,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         over = {"model": {"init_args": {"encoder": {"init_args": enc}}}}
         if args.finetune_epochs:
             over["trainer"] = {"max_epochs": args.finetune_epochs}
-        rec = fit_unified("recipe", [UNIFIED_CONFIG, OVERLAY], merged(smoke_over, over), out, args)
+        rec = fit_unified("recipe", [UNIFIED_CONFIG, OVERLAY], merged(model_over, over), out, args)
         rec["pretrain_cpu_s"] = pre_cpu
         rec["finetune_cpu_s"] = rec["cpu_s"]
         rec["cpu_s"] += pre_cpu
@@ -733,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         over = {"model": {"init_args": {"encoder": {"init_args": enc_over}}}}
         if args.finetune_epochs:
             over["trainer"] = {"max_epochs": args.finetune_epochs}
-        rec = fit_unified("scratch", [UNIFIED_CONFIG, OVERLAY], merged(smoke_over, over), out, args)
+        rec = fit_unified("scratch", [UNIFIED_CONFIG, OVERLAY], merged(model_over, over), out, args)
         score(rec, "small_data.yaml from scratch (no pretraining)", unified_logits(rec["checkpoint"]))
     if "control" in args.arms:
         budget = args.control_cpu_s or recipe_cpu

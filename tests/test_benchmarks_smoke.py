@@ -262,3 +262,11 @@ def test_resolvers_multimodal_arm_reads_frames_and_user(tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "gate_s0" / "logs" / "version_0" / "metrics.csv").open()))
     val_steps = [int(r["step"]) for r in rows if r.get("val/score")]
     assert val_steps == [6]
+
+
+def test_small_data_measures_the_documented_model() -> None:
+    # only --smoke shrinks the model; a measured run fine-tunes unified.yaml's decoder as the docs say
+    measured = small_data.model_overrides(small_data.parse_args([]))["model"]["init_args"]
+    assert "decoder" not in measured and measured["encoder"]["init_args"] == {"img_size": [160, 256]}
+    smoke = small_data.model_overrides(small_data.parse_args(["--smoke"]))["model"]["init_args"]
+    assert smoke["decoder"]["init_args"]["depth"] == 1 and smoke["encoder"]["init_args"]["depth"] == 1
