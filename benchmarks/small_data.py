@@ -705,16 +705,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         write_results(out, state, render(state))
 
-    enc_over = _encoder_args(args)
+    # the recipe and scratch fine-tunes: model_over and their number of epochs
+    finetune = merged(
+        model_over, {"trainer": {"max_epochs": args.finetune_epochs}} if args.finetune_epochs else {}
+    )
     if "default" in args.arms:
-        over = merged(
-            model_over, {"model": {"init_args": {"task_options": None, "encoder": {"init_args": enc_over}}}}
-        )
+        over = merged(model_over, {"model": {"init_args": {"task_options": None}}})
         rec = fit_unified("default", [UNIFIED_CONFIG], over, out, args)
         score(rec, "unified.yaml as it is (scratch, plain CE, 3 epochs)", unified_logits(rec["checkpoint"]))
     recipe_cpu = None
     if "recipe" in args.arms:
-        enc = dict(enc_over)
+        enc: dict[str, Any] = {}
         pre_cpu = 0.0
         if args.pretrained_file:
             enc["pretrained_file"] = str(args.pretrained_file)
@@ -724,10 +725,8 @@ def main(argv: list[str] | None = None) -> int:
             pre_cpu = state["pretrain"]["cpu_s"]
             enc["init_from"] = str(ckpt)
             how = "own MAE"
-        over = {"model": {"init_args": {"encoder": {"init_args": enc}}}}
-        if args.finetune_epochs:
-            over["trainer"] = {"max_epochs": args.finetune_epochs}
-        rec = fit_unified("recipe", [UNIFIED_CONFIG, OVERLAY], merged(model_over, over), out, args)
+        over = merged(finetune, {"model": {"init_args": {"encoder": {"init_args": enc}}}})
+        rec = fit_unified("recipe", [UNIFIED_CONFIG, OVERLAY], over, out, args)
         rec["pretrain_cpu_s"] = pre_cpu
         rec["finetune_cpu_s"] = rec["cpu_s"]
         rec["cpu_s"] += pre_cpu
@@ -735,10 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe_cpu = rec["cpu_s"]
         score(rec, f"recipe: {how} + small_data.yaml (class_weights auto)", unified_logits(rec["checkpoint"]))
     if "scratch" in args.arms:
-        over = {"model": {"init_args": {"encoder": {"init_args": enc_over}}}}
-        if args.finetune_epochs:
-            over["trainer"] = {"max_epochs": args.finetune_epochs}
-        rec = fit_unified("scratch", [UNIFIED_CONFIG, OVERLAY], merged(model_over, over), out, args)
+        rec = fit_unified("scratch", [UNIFIED_CONFIG, OVERLAY], finetune, out, args)
         score(rec, "small_data.yaml from scratch (no pretraining)", unified_logits(rec["checkpoint"]))
     if "control" in args.arms:
         budget = args.control_cpu_s or recipe_cpu

@@ -28,15 +28,11 @@ def default_config_path() -> Path:
     return Path(str(resources.files("idrecog.configs").joinpath(DEFAULT_CONFIG)))
 
 
-def _has_config(argv: Sequence[str]) -> bool:
-    return any(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
-
-
 def run_pretrain(argv: Sequence[str] | None = None) -> int:
     """``idrecog pretrain [LightningCLI options]``; returns the exit code."""
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from idrecog.cli.base import IdrecogLightningCLI
+    from idrecog.cli.base import IdrecogLightningCLI, config_files
     from idrecog.data.pretrain import PretrainDataModule
     from idrecog.lit.mae import MAEPretrainModule
 
@@ -52,7 +48,7 @@ def run_pretrain(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `idrecog pretrain ...` always passes args; Lightning would warn that sys.argv also holds arguments
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    if not _has_config(argv):
+    if not config_files(argv):
         argv = ["--config", str(default_config_path()), *argv]
     try:
         cli = PretrainCLI(
