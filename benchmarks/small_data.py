@@ -1,6 +1,6 @@
 """Small imbalanced data: the documented recipe against a from-scratch small CNN given the same CPU time.
 
-    .venv/bin/python -m benchmarks.small_data            # about 20 min on 2 CPU cores -> runs/small_data
+    .venv/bin/python -m benchmarks.small_data            # about 30 min on 2 CPU cores -> runs/small_data
     .venv/bin/python -m benchmarks.small_data --smoke    # a check that it runs (tiny, seconds)
 
 1. **Data.** The synthetic benchmark (``idrecog synth``'s generator, train split only, ``--pool-size`` captures at
