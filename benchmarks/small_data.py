@@ -19,7 +19,7 @@
      on N unlabelled captures of the pool that are in no split, as a team's unlabelled captures would be; never a
      val or test image) for ``--pretrain-steps`` steps of ``--pretrain-batch`` at ``--pretrain-base-lr``, then ``idrecog fit --config lightning_configs/unified.yaml
      --config lightning_configs/small_data.yaml`` from that checkpoint (``encoder.init_from``):
-     ``class_weights: auto``, augmentation, 24 epochs. With ``--pretrained-file`` the fine-tune starts from that
+     ``class_weights: auto``, augmentation, the epochs it sets. With ``--pretrained-file`` the fine-tune starts from that
      local timm file instead (``encoder.pretrained_file``) and no pretraining runs.
    * ``control``: a timm ``--cnn`` (default ``resnet18``) from scratch with the same data pipeline (augmented
      batches of the same size) and a class-balanced cross-entropy (the same ``balanced_class_weights`` of the
